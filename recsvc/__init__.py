@@ -1,0 +1,1 @@
+"""recsvc: a recommendation microservice."""
