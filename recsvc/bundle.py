@@ -1,0 +1,159 @@
+"""Versioned model bundles on disk: a JSON manifest plus numpy/scipy arrays.
+
+Layout of a bundle directory (format version 1)::
+
+    manifest.json     format, model_version, created, counts, params, files (sha256)
+    users.txt         external user ids, one per line, in matrix row order
+    items.txt         external item ids, one per line, in matrix column order
+    user_items.npz    training interactions, users x items CSR float32 (scipy)
+    similarity.npz    item-item top-K cosine, items x items CSR float32 (scipy)
+    popularity.npy    float32 per item: training users who interacted with it
+
+Nothing in a bundle is unpickled on load (``allow_pickle=False`` throughout),
+and every file's checksum is verified against the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsvc.data import IdMap
+
+FORMAT = "recsvc-model"
+FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    """The directory is not a valid, intact model bundle."""
+
+
+@dataclass
+class CFBundle:
+    """Everything the CF model needs at serving time."""
+
+    users: IdMap
+    items: IdMap
+    user_items: sp.csr_matrix
+    similarity: sp.csr_matrix
+    popularity: np.ndarray
+    params: dict[str, Any] = field(default_factory=dict)
+    model_version: str = ""
+    created: str = ""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "users": len(self.users),
+            "items": len(self.items),
+            "interactions": int(self.user_items.nnz),
+            "similarity_nnz": int(self.similarity.nnz),
+        }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_bundle(bundle: CFBundle, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write ``bundle`` to ``out_dir`` atomically; sets its version and creation time.
+
+    The files are written to a temporary sibling directory that is renamed into
+    place, so a reader never sees a half-written bundle.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        bundle.users.save(tmp / "users.txt")
+        bundle.items.save(tmp / "items.txt")
+        sp.save_npz(tmp / "user_items.npz", bundle.user_items.astype(np.float32))
+        sp.save_npz(tmp / "similarity.npz", bundle.similarity.astype(np.float32))
+        np.save(tmp / "popularity.npy", bundle.popularity.astype(np.float32))
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        created = datetime.now(UTC)
+        content_hash = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:8]
+        bundle.created = created.isoformat(timespec="seconds")
+        bundle.model_version = f"{created:%Y%m%dT%H%M%SZ}-{content_hash}"
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_version": bundle.model_version,
+            "created": bundle.created,
+            "counts": bundle.counts,
+            "params": bundle.params,
+            "files": files,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(model_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{model_dir} is not a model bundle: no manifest.json") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: invalid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: format_version {manifest.get('format_version')} is not supported "
+            f"(this recsvc reads {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def load_bundle(model_dir: str | os.PathLike[str], verify: bool = True) -> CFBundle:
+    """Load a bundle written by :func:`save_bundle`; :class:`BundleError` if broken."""
+    root = Path(model_dir)
+    manifest = read_manifest(root)
+    if verify:
+        for name, expected in manifest["files"].items():
+            path = root / name
+            if not path.is_file():
+                raise BundleError(f"{root}: missing {name}")
+            if _sha256(path) != expected:
+                raise BundleError(f"{root}: {name} does not match its checksum")
+    users = IdMap.load(root / "users.txt")
+    items = IdMap.load(root / "items.txt")
+    user_items = sp.load_npz(root / "user_items.npz").tocsr()
+    similarity = sp.load_npz(root / "similarity.npz").tocsr()
+    popularity = np.load(root / "popularity.npy", allow_pickle=False)
+    if user_items.shape != (len(users), len(items)) or similarity.shape != (len(items),) * 2:
+        raise BundleError(f"{root}: array shapes do not match the id maps")
+    return CFBundle(
+        users=users,
+        items=items,
+        user_items=user_items,
+        similarity=similarity,
+        popularity=popularity,
+        params=manifest.get("params", {}),
+        model_version=manifest["model_version"],
+        created=manifest["created"],
+    )

@@ -1,0 +1,133 @@
+"""``recsvc train | serve``: flags, settings, construct, run. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recsvc.config import Settings
+
+log = logging.getLogger("recsvc")
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    """``view=1,purchase=8`` (or a JSON object) -> dict."""
+    text = text.strip()
+    if text.startswith("{"):
+        return {k: float(v) for k, v in json.loads(text).items()}
+    pairs = (part.split("=", 1) for part in text.split(",") if part.strip())
+    return {k.strip().lower(): float(v) for k, v in pairs}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from recsvc.bundle import CFBundle, save_bundle
+    from recsvc.data import build_matrix, read_interactions
+    from recsvc.similarity import fit_cosine
+
+    overrides = {"event_weights": _parse_weights(args.event_weights)} if args.event_weights else {}
+    settings = Settings(**overrides)
+    show = not args.quiet
+    started = time.perf_counter()
+    interactions = read_interactions(
+        args.interactions, settings.event_weights, settings.rating_midpoint, show_progress=show
+    )
+    user_items, users, items = build_matrix(interactions)
+    log.info(
+        "read %d interactions: %d users x %d items, %d positive pairs",
+        len(interactions), len(users), len(items), user_items.nnz,
+    )  # fmt: skip
+    fit_started = time.perf_counter()
+    similarity = fit_cosine(user_items, args.neighbours, args.threads, show_progress=show)
+    fit_s = time.perf_counter() - fit_started
+    popularity = np.asarray((user_items > 0).sum(axis=0), dtype=np.float32).ravel()
+    bundle = CFBundle(
+        users=users,
+        items=items,
+        user_items=user_items,
+        similarity=similarity,
+        popularity=popularity,
+        params={
+            "similarity": "cosine",
+            "neighbours": args.neighbours,
+            "event_weights": settings.event_weights,
+            "rating_midpoint": settings.rating_midpoint,
+            "source": str(args.interactions),
+            "fit_seconds": round(fit_s, 3),
+        },
+    )
+    out = save_bundle(bundle, args.out, overwrite=args.force)
+    log.info(
+        "wrote model %s to %s in %.1fs (fit %.1fs)",
+        bundle.model_version, out, time.perf_counter() - started, fit_s,
+    )  # fmt: skip
+    print(json.dumps({"model_version": bundle.model_version, "out": str(out), **bundle.counts}))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recsvc.server import serve
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("model", args.model),
+            ("port", args.port),
+            ("host", args.host),
+            ("redis_url", args.redis_url),
+            ("data_dir", args.data_dir),
+        )
+        if value is not None
+    }
+    settings = Settings(**overrides)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    asyncio.run(serve(settings))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fit a model bundle from an interaction log")
+    train.add_argument("--interactions", required=True, type=Path,
+                       help="CSV/TSV with a user_id,item_id header, or 'user item item ...' lines")
+    train.add_argument("--out", required=True, type=Path, help="model bundle directory to write")
+    train.add_argument("--neighbours", type=int, default=200, help="similar items kept per item")
+    train.add_argument("--event-weights", help="e.g. 'view=1,click=2,purchase=8' (or JSON)")
+    train.add_argument("--threads", type=int, default=0, help="fit threads (0: all cores)")
+    train.add_argument("--force", action="store_true", help="replace an existing bundle")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser("serve", help="serve a model bundle over gRPC")
+    serve.add_argument("--model", type=Path, help="model bundle directory [RECSVC_MODEL]")
+    serve.add_argument("--port", type=int, help="port, 0 for any free one [RECSVC_PORT=50051]")
+    serve.add_argument("--host", help="listen address [RECSVC_HOST=[::]]")
+    serve.add_argument("--redis-url", help="Redis URL; unset: embedded Redis [RECSVC_REDIS_URL]")
+    serve.add_argument("--data-dir", type=Path,
+                       help="embedded Redis data directory [RECSVC_DATA_DIR=recsvc-data]")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from recsvc.logs import setup_logging
+
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Every setting of recsvc, typed, from flags and ``RECSVC_*`` environment variables.
+
+Build one :class:`Settings` in the entry point (``Settings(**overrides)``) and
+pass it down; nothing reads ``os.environ`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Default weight of each event type when building the interaction matrix and
+# updating user state. Negative feedback gets a negative weight, so it never
+# counts as a like and pushes similar items down.
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "click": 2.0,
+    "add_to_cart": 4.0,
+    "purchase": 8.0,
+    "like": 4.0,
+    "rating": 1.0,  # multiplied by (value - rating_midpoint)
+    "dislike": -4.0,
+    "skip": -1.0,
+    "remove_from_cart": -2.0,
+}
+
+
+class Settings(BaseSettings):
+    """Service settings; each field can be set by ``RECSVC_<FIELD>`` or a CLI flag."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSVC_", extra="ignore")
+
+    # Serving
+    model: Path | None = Field(None, description="model bundle directory")
+    host: str = Field("[::]", description="address to listen on")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    redis_url: str | None = Field(
+        None,
+        description="redis://, rediss:// or unix:// URL; unset starts an embedded Redis",
+    )
+    data_dir: Path = Field(
+        Path("recsvc-data"), description="where the embedded Redis keeps its files"
+    )
+    redis_timeout_s: float = Field(0.5, gt=0, description="Redis socket timeout")
+    health_interval_s: float = Field(1.0, gt=0, description="Redis health probe period")
+    grace_s: float = Field(5.0, ge=0, description="shutdown grace period for in-flight calls")
+
+    # Request limits
+    max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
+    max_events_per_request: int = Field(1000, ge=1, description="events in one SendFeedback")
+    max_id_length: int = Field(256, ge=1, description="longest user/item/event id accepted")
+    stream_buffer: int = Field(
+        2000, ge=1, description="events a StreamFeedback call may hold before reading pauses"
+    )
+    stream_batch: int = Field(500, ge=1, description="most events written in one round trip")
+    max_filter_ids: int = Field(10_000, ge=0, description="exclude/restrict ids per request")
+
+    # User state
+    history_cap: int = Field(500, ge=1, description="feedback items kept per user (most recent)")
+    dedup_window: int = Field(
+        10_000, ge=1, description="event ids remembered per user for idempotency"
+    )
+    user_ttl_s: int = Field(30 * 86400, ge=1, description="idle user state expires after this")
+    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    rating_midpoint: float = Field(3.0, description="ratings above it are positive")
+    stream_maxlen: int = Field(
+        0, ge=0, description="approximate cap on the feedback stream (0: no cap)"
+    )
+
+    log_level: str = Field("INFO")
+
+    @field_validator("event_weights")
+    @classmethod
+    def _known_event_types(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - set(DEFAULT_EVENT_WEIGHTS)
+        if unknown:
+            raise ValueError(
+                f"unknown event types {sorted(unknown)}; known: {sorted(DEFAULT_EVENT_WEIGHTS)}"
+            )
+        return {**DEFAULT_EVENT_WEIGHTS, **value}
+
+
+def redact_url(url: str | None) -> str:
+    """The URL with any password replaced by ``***``, for logs."""
+    if not url or "@" not in url:
+        return str(url)
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

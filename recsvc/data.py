@@ -1,0 +1,222 @@
+"""Reading interaction logs; id maps from external string ids to dense ints.
+
+Two input formats are accepted (chosen by :func:`read_interactions`):
+
+* CSV or TSV with a header: ``user_id,item_id`` plus optional ``event_type``,
+  ``value``, ``weight`` and ``timestamp`` columns. Ids are arbitrary strings.
+* The line format of the Gowalla split: ``user item item ...`` per line.
+
+Each row gets a weight: the ``weight`` column when present, else the weight of
+its event type (ratings: ``weight * (value - rating_midpoint)``), else 1. The
+matrix sums the weights per (user, item) and keeps only positive sums, so
+negative feedback (dislike, skip, low ratings) never counts as a like.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from recsvc.config import DEFAULT_EVENT_WEIGHTS
+
+
+class IdMap:
+    """A bijection between external string ids and dense indices ``0..n-1``."""
+
+    def __init__(self, ids: Iterable[str]):
+        self.ids: list[str] = list(ids)
+        self._index = {id_: i for i, id_ in enumerate(self.ids)}
+        if len(self._index) != len(self.ids):
+            raise ValueError("duplicate ids in IdMap")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self._index
+
+    def index(self, id_: str) -> int:
+        """The dense index of ``id_``; ``KeyError`` if unknown."""
+        return self._index[id_]
+
+    def get(self, id_: str, default: int = -1) -> int:
+        return self._index.get(id_, default)
+
+    def indices(self, ids: Sequence[str]) -> np.ndarray:
+        """Dense indices of ``ids`` as int64, ``-1`` for unknown ids."""
+        get = self._index.get
+        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+
+    def save(self, path: Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(f"{id_}\n" for id_ in self.ids)
+
+    @classmethod
+    def load(cls, path: Path) -> IdMap:
+        with open(path, encoding="utf-8") as f:
+            return cls(line.rstrip("\n") for line in f)
+
+
+def normalise_event_type(name: str) -> str:
+    """``"Add-To-Cart"`` -> ``"add_to_cart"``."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def event_weight(
+    event_type: str,
+    value: float,
+    event_weights: dict[str, float],
+    rating_midpoint: float,
+) -> float:
+    """The weight of one event; ``ValueError`` for an unknown type."""
+    try:
+        weight = event_weights[event_type]
+    except KeyError:
+        raise ValueError(
+            f"unknown event type {event_type!r}; known: {sorted(event_weights)}"
+        ) from None
+    if event_type == "rating":
+        return weight * (value - rating_midpoint)
+    return weight
+
+
+@dataclass
+class Interactions:
+    """Parallel arrays: one row per interaction (external ids, weight)."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    weights: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+def _progress_lines(path: Path, desc: str, show: bool) -> Iterator[str]:
+    size = os.path.getsize(path)
+    with open(path, encoding="utf-8", newline="") as f, tqdm(
+        total=size, unit="B", unit_scale=True, desc=desc, disable=not show, leave=False
+    ) as bar:
+        for line in f:
+            bar.update(len(line))
+            yield line
+
+
+def _looks_like_header(first_line: str) -> bool:
+    fields = first_line.replace("\t", ",").split(",")
+    return "user_id" in [f.strip().lower() for f in fields]
+
+
+def read_interactions(
+    path: str | os.PathLike[str],
+    event_weights: dict[str, float] | None = None,
+    rating_midpoint: float = 3.0,
+    show_progress: bool = False,
+) -> Interactions:
+    """Read an interaction log in either accepted format (detected from line 1)."""
+    path = Path(path)
+    weights_by_type = event_weights or DEFAULT_EVENT_WEIGHTS
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if _looks_like_header(first):
+        result = _read_table(path, first, weights_by_type, rating_midpoint, show_progress)
+    elif "," in first:
+        raise ValueError(
+            f"{path}:1: a CSV/TSV log needs a header with user_id and item_id columns, got {first!r}"
+        )
+    else:
+        result = _read_lines(path, show_progress)
+    if not len(result):
+        raise ValueError(f"{path}: no interactions found")
+    return result
+
+
+def _read_lines(path: Path, show_progress: bool) -> Interactions:
+    users: list[str] = []
+    items: list[str] = []
+    for line in _progress_lines(path, "reading", show_progress):
+        parts = line.split()
+        if len(parts) < 2:
+            continue  # blank, or a user with no items
+        users.extend([parts[0]] * (len(parts) - 1))
+        items.extend(parts[1:])
+    return Interactions(users, items, np.ones(len(users), dtype=np.float32))
+
+
+def _read_table(
+    path: Path,
+    header_line: str,
+    event_weights: dict[str, float],
+    rating_midpoint: float,
+    show_progress: bool,
+) -> Interactions:
+    delimiter = "\t" if "\t" in header_line else ","
+    lines = _progress_lines(path, "reading", show_progress)
+    reader = csv.reader(lines, delimiter=delimiter)
+    header = [h.strip().lower() for h in next(reader)]
+    col = {name: i for i, name in enumerate(header)}
+    missing = {"user_id", "item_id"} - set(col)
+    if missing:
+        raise ValueError(f"{path}: header lacks {sorted(missing)} (has {header})")
+    u_col, i_col = col["user_id"], col["item_id"]
+    type_col, value_col, weight_col = col.get("event_type"), col.get("value"), col.get("weight")
+
+    users: list[str] = []
+    items: list[str] = []
+    weights: list[float] = []
+    for lineno, row in enumerate(reader, 2):
+        if not row:
+            continue
+        try:
+            user, item = row[u_col].strip(), row[i_col].strip()
+            if not user or not item:
+                raise ValueError("empty user_id or item_id")
+            if weight_col is not None and row[weight_col].strip():
+                weight = float(row[weight_col])
+            elif type_col is not None and row[type_col].strip():
+                value = float(row[value_col]) if value_col is not None and row[value_col] else 0.0
+                weight = event_weight(
+                    normalise_event_type(row[type_col]), value, event_weights, rating_midpoint
+                )
+            else:
+                weight = 1.0
+        except (ValueError, IndexError) as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from None
+        users.append(user)
+        items.append(item)
+        weights.append(weight)
+    return Interactions(users, items, np.asarray(weights, dtype=np.float32))
+
+
+def build_matrix(
+    interactions: Interactions,
+    users: IdMap | None = None,
+    items: IdMap | None = None,
+) -> tuple[sp.csr_matrix, IdMap, IdMap]:
+    """The user x item CSR matrix of summed positive weights, and the id maps.
+
+    Ids not in the given maps are appended (in order of first appearance), so a
+    previous model's maps can be extended. Entries whose summed weight is not
+    positive are dropped.
+    """
+    users = IdMap(dict.fromkeys([*(users.ids if users else []), *interactions.user_ids]))
+    items = IdMap(dict.fromkeys([*(items.ids if items else []), *interactions.item_ids]))
+    rows = users.indices(interactions.user_ids)
+    cols = items.indices(interactions.item_ids)
+    matrix = sp.csr_matrix(
+        (interactions.weights.astype(np.float32), (rows, cols)),
+        shape=(len(users), len(items)),
+        dtype=np.float32,
+    )
+    matrix.sum_duplicates()
+    matrix.data[matrix.data <= 0] = 0
+    matrix.eliminate_zeros()
+    matrix.sort_indices()
+    return matrix, users, items

@@ -1,0 +1,158 @@
+"""Process start-up: model, Redis, gRPC server with health and reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsvc.bundle import load_bundle
+from recsvc.config import Settings, redact_url
+from recsvc.engine import Engine
+from recsvc.service import RecommenderServicer
+from recsvc.similarity import CFModel
+from recsvc.store import EmbeddedRedis, UserStore
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class RecsvcServer:
+    """One serving process: ``await start()``, then ``await wait()`` or ``await stop()``."""
+
+    def __init__(self, settings: Settings):
+        if settings.model is None:
+            raise ValueError("no model bundle given (--model DIR or RECSVC_MODEL)")
+        self.settings = settings
+        self.port = 0
+        self.embedded_redis: EmbeddedRedis | None = None
+        self.engine: Engine | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._monitor: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None
+
+    @property
+    def redis_url(self) -> str:
+        if self.settings.redis_url:
+            return self.settings.redis_url
+        assert self.embedded_redis is not None
+        return self.embedded_redis.url
+
+    async def start(self) -> int:
+        """Load the model, connect Redis (starting the embedded one if no URL),
+        and listen; returns the bound port."""
+        settings = self.settings
+        started = time.perf_counter()
+        model = CFModel(load_bundle(settings.model))  # type: ignore[arg-type]
+        log.info(
+            "model loaded: version=%s items=%d users=%d in %.2fs",
+            model.model_version, len(model.items), len(model.users),
+            time.perf_counter() - started,
+        )  # fmt: skip
+        if not settings.redis_url:
+            self.embedded_redis = await asyncio.to_thread(
+                EmbeddedRedis(settings.data_dir).start
+            )
+        log.info("redis: %s", redact_url(self.redis_url))
+        store = UserStore.from_url(
+            self.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            history_cap=settings.history_cap,
+            dedup_window=settings.dedup_window,
+            ttl_s=settings.user_ttl_s,
+            stream_maxlen=settings.stream_maxlen,
+        )
+        self.engine = Engine(model, store, settings)
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ]
+        )
+        pb_grpc.add_RecommenderServicer_to_server(
+            RecommenderServicer(self.engine, settings), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not listen on {settings.host}:{settings.port}")
+        await self._set_health(NOT_SERVING)
+        await server.start()
+        self._server = server
+        await self._check_health()
+        self._monitor = asyncio.create_task(self._monitor_health())
+        log.info("serving on port %d", self.port)
+        return self.port
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def _check_health(self) -> None:
+        assert self.engine is not None
+        ok = await self.engine.check_store()
+        await self._set_health(SERVING if ok else NOT_SERVING)
+
+    async def _monitor_health(self) -> None:
+        """SERVING only while the model is loaded and Redis answers."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            try:
+                await self._check_health()
+            except Exception:  # never let the monitor die
+                log.exception("health check failed")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within ``grace``, release Redis.
+
+        Safe to call more than once and concurrently: every caller waits for
+        the one shutdown to complete."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._shutdown(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _shutdown(self, grace: float | None) -> None:
+        grace = self.settings.grace_s if grace is None else grace
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.engine is not None:
+            await self.engine.store.close()
+        if self.embedded_redis is not None:
+            await asyncio.to_thread(self.embedded_redis.stop)
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    server = RecsvcServer(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    try:
+        await server.start()
+        await server.wait()
+    finally:
+        await server.stop()

