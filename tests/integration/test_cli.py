@@ -1,0 +1,109 @@
+"""The real command line: train a bundle, serve it with the embedded Redis, stop it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+
+def recsvc(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "recsvc.cli", *args], **kwargs)
+
+
+def start_serving(model, data_dir, log_path):
+    log = open(log_path, "w")
+    proc = recsvc("serve", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
+                  "--data-dir", str(data_dir), stderr=log)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        if "serving on port" in text:
+            return proc, int(text.split("serving on port ")[1].split('"')[0].split()[0])
+        assert proc.poll() is None, text
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(log_path.read_text())
+
+
+def redis_pid(data_dir):
+    return int((data_dir / "redis.pid").read_text())
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_train_then_serve_then_sigterm(tmp_path, clustered_csv):
+    out = tmp_path / "model"
+    train = subprocess.run(
+        [sys.executable, "-m", "recsvc.cli", "train", "--interactions", str(clustered_csv),
+         "--out", str(out), "--neighbours", "10", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    assert (out / "manifest.json").exists() and '"items": 16' in train.stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "recsvc.cli", "train", "--interactions", str(clustered_csv),
+         "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 2 and "--force" in again.stderr
+
+    data_dir = tmp_path / "data"
+    proc, port = start_serving(out, data_dir, tmp_path / "serve.log")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.RecommenderStub(channel)
+        ack = stub.SendFeedback(pb.SendFeedbackRequest(events=[
+            pb.FeedbackEvent(event_id="cli-1", user_id="u1", item_id="b1", type=pb.PURCHASE)]))
+        assert ack.accepted == 1
+        redis = redis_pid(data_dir)
+        channel.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "stopped" in (tmp_path / "serve.log").read_text()
+    assert not alive(redis)
+    assert (data_dir / "appendonly.aof").stat().st_size > 0
+
+
+def test_killed_server_leaves_no_redis_and_restarts_with_its_data(tmp_path, model_dir):
+    data_dir = tmp_path / "data"
+    proc, port = start_serving(model_dir, data_dir, tmp_path / "a.log")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+        stub.SendFeedback(pb.SendFeedbackRequest(events=[
+            pb.FeedbackEvent(event_id="k-1", user_id="zed", item_id="b1", type=pb.PURCHASE)]))
+    redis = redis_pid(data_dir)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while alive(redis) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(redis), "embedded Redis outlived its killed server"
+
+    proc, port = start_serving(model_dir, data_dir, tmp_path / "b.log")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            state = pb_grpc.RecommenderStub(channel).GetUserState(
+                pb.GetUserStateRequest(user_id="zed"))
+        assert [e.item_id for e in state.history] == ["b1"] and state.event_count == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
