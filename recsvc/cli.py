@@ -1,4 +1,4 @@
-"""``recsvc train | serve``: flags, settings, construct, run. Nothing else lives here."""
+"""``recsvc train | serve | export-feedback``: flags, settings, construct, run. Nothing else lives here."""
 
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ def _parse_weights(text: str) -> dict[str, float]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from recsvc.bundle import CFBundle, save_bundle
-    from recsvc.data import build_matrix, read_interactions
+    from recsvc.data import build_matrix, read_many
     from recsvc.similarity import fit_cosine
 
     overrides = {"event_weights": _parse_weights(args.event_weights)} if args.event_weights else {}
     settings = Settings(**overrides)
     show = not args.quiet
     started = time.perf_counter()
-    interactions = read_interactions(
+    interactions = read_many(
         args.interactions, settings.event_weights, settings.rating_midpoint, show_progress=show
     )
     user_items, users, items = build_matrix(interactions)
@@ -58,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "neighbours": args.neighbours,
             "event_weights": settings.event_weights,
             "rating_midpoint": settings.rating_midpoint,
-            "source": str(args.interactions),
+            "sources": [str(p) for p in args.interactions],
+            "data_until_ms": interactions.latest_ms,
             "fit_seconds": round(fit_s, 3),
         },
     )
@@ -91,13 +92,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_feedback(args: argparse.Namespace) -> int:
+    import redis
+
+    from recsvc.store import EmbeddedRedis, export_feedback
+
+    settings = Settings(**({"redis_url": args.redis_url} if args.redis_url else {}))
+    embedded = None
+    url = settings.redis_url
+    if not url:  # the server's embedded Redis: use it if running, else start it on its data
+        embedded = EmbeddedRedis(args.data_dir or settings.data_dir)
+        try:
+            with redis.Redis.from_url(embedded.url, socket_timeout=1) as probe:
+                probe.ping()
+            url, embedded = embedded.url, None
+        except (redis.RedisError, OSError):
+            url = embedded.start().url
+    try:
+        with redis.Redis.from_url(url) as client:
+            rows, last = export_feedback(client, args.out, trim=not args.no_trim)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    log.info("exported %d feedback events to %s (last entry %s)", rows, args.out, last)
+    print(json.dumps({"rows": rows, "last_entry_id": last, "out": str(args.out)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fit a model bundle from an interaction log")
-    train.add_argument("--interactions", required=True, type=Path,
-                       help="CSV/TSV with a user_id,item_id header, or 'user item item ...' lines")
+    train.add_argument("--interactions", required=True, type=Path, action="append",
+                       help="CSV/TSV with a user_id,item_id header, or 'user item item ...' "
+                            "lines; repeat to add feedback exports")
     train.add_argument("--out", required=True, type=Path, help="model bundle directory to write")
     train.add_argument("--neighbours", type=int, default=200, help="similar items kept per item")
     train.add_argument("--event-weights", help="e.g. 'view=1,click=2,purchase=8' (or JSON)")
@@ -114,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path,
                        help="embedded Redis data directory [RECSVC_DATA_DIR=recsvc-data]")
     serve.set_defaults(func=cmd_serve)
+
+    export = sub.add_parser(
+        "export-feedback", help="write the feedback log not yet exported to a CSV for training"
+    )
+    export.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    export.add_argument("--redis-url", help="Redis URL; unset: the embedded Redis of --data-dir")
+    export.add_argument("--data-dir", type=Path, help="embedded Redis data directory")
+    export.add_argument("--no-trim", action="store_true",
+                        help="keep exported entries in the stream (default: trim them)")
+    export.set_defaults(func=cmd_export_feedback)
     return parser
 
 

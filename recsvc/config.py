@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     )
     redis_timeout_s: float = Field(0.5, gt=0, description="Redis socket timeout")
     health_interval_s: float = Field(1.0, gt=0, description="Redis health probe period")
+    model_watch_s: float = Field(
+        5.0, ge=0, description="poll the model directory for a new bundle this often (0: off)"
+    )
     grace_s: float = Field(5.0, ge=0, description="shutdown grace period for in-flight calls")
 
     # Request limits

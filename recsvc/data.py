@@ -3,7 +3,9 @@
 Two input formats are accepted (chosen by :func:`read_interactions`):
 
 * CSV or TSV with a header: ``user_id,item_id`` plus optional ``event_type``,
-  ``value``, ``weight`` and ``timestamp`` columns. Ids are arbitrary strings.
+  ``value``, ``weight``, ``timestamp`` (epoch s/ms or ISO 8601) and
+  ``event_id`` columns (rows repeating an event id count once). Ids are
+  arbitrary strings.
 * The line format of the Gowalla split: ``user item item ...`` per line.
 
 Each row gets a weight: the ``weight`` column when present, else the weight of
@@ -18,6 +20,7 @@ import csv
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +92,45 @@ def event_weight(
 
 @dataclass
 class Interactions:
-    """Parallel arrays: one row per interaction (external ids, weight)."""
+    """Parallel arrays: one row per interaction (external ids, weight, time).
+
+    ``timestamps_ms`` is 0 where the log gave no time.
+    """
 
     user_ids: list[str]
     item_ids: list[str]
     weights: np.ndarray
+    timestamps_ms: np.ndarray
 
     def __len__(self) -> int:
         return len(self.user_ids)
+
+    @property
+    def latest_ms(self) -> int:
+        """The latest event time in the log (0 if it has none)."""
+        return int(self.timestamps_ms.max(initial=0))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Interactions]) -> Interactions:
+        return cls(
+            [u for p in parts for u in p.user_ids],
+            [i for p in parts for i in p.item_ids],
+            np.concatenate([p.weights for p in parts]),
+            np.concatenate([p.timestamps_ms for p in parts]),
+        )
+
+
+def parse_timestamp_ms(text: str) -> int:
+    """Epoch seconds or milliseconds (told apart by size), or ISO 8601 -> ms."""
+    text = text.strip()
+    try:
+        number = float(text)
+    except ValueError:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)
+        return int(stamp.timestamp() * 1000)
+    return int(number if number > 1e11 else number * 1000)
 
 
 def _progress_lines(path: Path, desc: str, show: bool) -> Iterator[str]:
@@ -112,6 +146,18 @@ def _progress_lines(path: Path, desc: str, show: bool) -> Iterator[str]:
 def _looks_like_header(first_line: str) -> bool:
     fields = first_line.replace("\t", ",").split(",")
     return "user_id" in [f.strip().lower() for f in fields]
+
+
+def read_many(
+    paths: Sequence[str | os.PathLike[str]],
+    event_weights: dict[str, float] | None = None,
+    rating_midpoint: float = 3.0,
+    show_progress: bool = False,
+) -> Interactions:
+    """Several logs (e.g. the original interactions plus feedback exports) as one."""
+    return Interactions.concat(
+        [read_interactions(p, event_weights, rating_midpoint, show_progress) for p in paths]
+    )
 
 
 def read_interactions(
@@ -147,7 +193,8 @@ def _read_lines(path: Path, show_progress: bool) -> Interactions:
             continue  # blank, or a user with no items
         users.extend([parts[0]] * (len(parts) - 1))
         items.extend(parts[1:])
-    return Interactions(users, items, np.ones(len(users), dtype=np.float32))
+    n = len(users)
+    return Interactions(users, items, np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.int64))
 
 
 def _read_table(
@@ -167,13 +214,21 @@ def _read_table(
         raise ValueError(f"{path}: header lacks {sorted(missing)} (has {header})")
     u_col, i_col = col["user_id"], col["item_id"]
     type_col, value_col, weight_col = col.get("event_type"), col.get("value"), col.get("weight")
+    time_col, event_col = col.get("timestamp"), col.get("event_id")
 
     users: list[str] = []
     items: list[str] = []
     weights: list[float] = []
+    times: list[int] = []
+    seen_events: set[str] = set()
     for lineno, row in enumerate(reader, 2):
         if not row:
             continue
+        if event_col is not None and row[event_col]:
+            # a feedback export may hold an event twice (at-least-once): count it once
+            if row[event_col] in seen_events:
+                continue
+            seen_events.add(row[event_col])
         try:
             user, item = row[u_col].strip(), row[i_col].strip()
             if not user or not item:
@@ -187,12 +242,16 @@ def _read_table(
                 )
             else:
                 weight = 1.0
+            stamp = row[time_col] if time_col is not None else ""
+            times.append(parse_timestamp_ms(stamp) if stamp.strip() else 0)
         except (ValueError, IndexError) as exc:
             raise ValueError(f"{path}:{lineno}: {exc}") from None
         users.append(user)
         items.append(item)
         weights.append(weight)
-    return Interactions(users, items, np.asarray(weights, dtype=np.float32))
+    return Interactions(
+        users, items, np.asarray(weights, dtype=np.float32), np.asarray(times, dtype=np.int64)
+    )
 
 
 def build_matrix(

@@ -109,17 +109,24 @@ class Engine:
 
     # -- recommendations ------------------------------------------------------
 
-    async def _history(self, user_id: str) -> tuple[np.ndarray, np.ndarray, str]:
+    def swap_model(self, model: CFModel) -> None:
+        """Serve ``model`` from now on; calls already running keep the one they took."""
+        self.model = model
+
+    async def _history(
+        self, model: CFModel, user_id: str
+    ) -> tuple[np.ndarray, np.ndarray, str]:
         """The user's merged history (training + feedback), as unique item indices
         and summed weights, and why it is degraded (empty if it is not)."""
-        model = self.model
         train_items, train_weights = model.training_history(user_id)
         degraded = ""
         feedback_ids: list[str] = []
         feedback_weights = np.empty(0, dtype=np.float64)
         if self.store_available:
             try:
-                feedback_ids, feedback_weights = await self.store.get_history(user_id)
+                feedback_ids, feedback_weights = await self.store.get_history(
+                    user_id, model.data_until_ms
+                )
             except (RedisError, OSError) as exc:
                 self._mark_store_down(exc)
         if not self.store_available:
@@ -153,7 +160,7 @@ class Engine:
             restrict = np.unique(model.items.indices(restrict_item_ids))
             restrict = restrict[restrict >= 0]
 
-        items, weights, degraded = await self._history(user_id)
+        items, weights, degraded = await self._history(model, user_id)
         cf_items, cf_scores = model.recommend(items, weights, k, exclude, restrict, include_seen)
         chosen, scores = cf_items, cf_scores.astype(np.float64)
         n_cf = len(cf_items)
@@ -207,7 +214,8 @@ class Engine:
         train_items, train_weights = model.training_history(user_id)
         weights = dict(zip((model.items.ids[i] for i in train_items), train_weights.tolist()))
         for item, w in stored.weights.items():
-            weights[item] = weights.get(item, 0.0) + w
+            if stored.last_event_ms.get(item, 0) > model.data_until_ms:  # else in training
+                weights[item] = weights.get(item, 0.0) + w
         recent = sorted(stored.last_event_ms.items(), key=lambda kv: -kv[1])
         history = [HistoryItem(item, weights.pop(item, 0.0), ms) for item, ms in recent]
         history += [HistoryItem(item, w, None) for item, w in weights.items()]

@@ -24,3 +24,7 @@ class Unavailable(RecsvcError):
 
 class ResourceExhausted(RecsvcError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(RecsvcError):
+    code = "FAILED_PRECONDITION"

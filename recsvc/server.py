@@ -6,14 +6,16 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from recsvc.bundle import load_bundle
+from recsvc.bundle import BundleError, load_bundle, read_manifest
 from recsvc.config import Settings, redact_url
 from recsvc.engine import Engine
+from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, RecsvcError
 from recsvc.service import RecommenderServicer
 from recsvc.similarity import CFModel
 from recsvc.store import EmbeddedRedis, UserStore
@@ -40,6 +42,9 @@ class RecsvcServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._monitor: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._model_dir = Path()
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
 
@@ -55,7 +60,8 @@ class RecsvcServer:
         and listen; returns the bound port."""
         settings = self.settings
         started = time.perf_counter()
-        model = CFModel(load_bundle(settings.model))  # type: ignore[arg-type]
+        self._model_dir = settings.model.resolve()  # type: ignore[union-attr]
+        model = CFModel(load_bundle(self._model_dir))
         log.info(
             "model loaded: version=%s items=%d users=%d in %.2fs",
             model.model_version, len(model.items), len(model.users),
@@ -83,7 +89,7 @@ class RecsvcServer:
             ]
         )
         pb_grpc.add_RecommenderServicer_to_server(
-            RecommenderServicer(self.engine, settings), server
+            RecommenderServicer(self.engine, settings, self.reload_model), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -97,6 +103,8 @@ class RecsvcServer:
         self._server = server
         await self._check_health()
         self._monitor = asyncio.create_task(self._monitor_health())
+        if settings.model_watch_s > 0:
+            self._watcher = asyncio.create_task(self._watch_model())
         log.info("serving on port %d", self.port)
         return self.port
 
@@ -118,6 +126,52 @@ class RecsvcServer:
             except Exception:  # never let the monitor die
                 log.exception("health check failed")
 
+    def _resolve_model_dir(self, model_dir: str) -> Path:
+        if not model_dir:
+            return self._model_dir
+        root = self.settings.model.resolve().parent  # type: ignore[union-attr]
+        path = (root / model_dir).resolve()
+        if root not in path.parents:
+            raise InvalidArgument(f"model_dir must be a directory inside {root}, got {model_dir!r}")
+        return path
+
+    async def reload_model(self, model_dir: str = "") -> CFModel:
+        """Load a bundle off the event loop and swap it in; the old model keeps
+        serving until then, and calls that started on it finish on it."""
+        assert self.engine is not None
+        path = self._resolve_model_dir(model_dir)
+        if not path.is_dir():
+            raise NotFound(f"no model bundle directory at {path}")
+        async with self._reload_lock:
+            started = time.perf_counter()
+            try:
+                model = await asyncio.to_thread(lambda: CFModel(load_bundle(path)))
+            except (BundleError, OSError, ValueError) as exc:
+                raise FailedPrecondition(f"cannot load the model at {path}: {exc}") from exc
+            previous = self.engine.model.model_version
+            self.engine.swap_model(model)
+            self._model_dir = path
+        log.info(
+            "model reloaded: %s -> %s from %s in %.2fs",
+            previous, model.model_version, path, time.perf_counter() - started,
+        )  # fmt: skip
+        return model
+
+    async def _watch_model(self) -> None:
+        """Reload when the watched bundle directory holds a new model version."""
+        assert self.engine is not None
+        while True:
+            await asyncio.sleep(self.settings.model_watch_s)
+            try:
+                version = read_manifest(self._model_dir)["model_version"]
+            except (BundleError, OSError, KeyError):
+                continue  # being replaced right now, or gone: keep serving, look again
+            if version != self.engine.model.model_version:
+                try:
+                    await self.reload_model()
+                except RecsvcError as exc:
+                    log.warning("model reload failed, keeping the current model: %s", exc)
+
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within ``grace``, release Redis.
 
@@ -129,8 +183,9 @@ class RecsvcServer:
 
     async def _shutdown(self, grace: float | None) -> None:
         grace = self.settings.grace_s if grace is None else grace
-        if self._monitor is not None:
-            self._monitor.cancel()
+        for task in (self._monitor, self._watcher):
+            if task is not None:
+                task.cancel()
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
@@ -145,12 +200,20 @@ class RecsvcServer:
         await self._stopped.wait()
 
 
+async def _reload_quietly(server: RecsvcServer) -> None:
+    try:
+        await server.reload_model()
+    except RecsvcError as exc:
+        log.warning("model reload on SIGHUP failed, keeping the current model: %s", exc)
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     server = RecsvcServer(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_quietly(server)))
     try:
         await server.start()
         await server.wait()

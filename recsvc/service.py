@@ -19,6 +19,7 @@ from recsvc.config import Settings
 from recsvc.engine import SOURCE_CF, SOURCE_POPULARITY, Engine
 from recsvc.errors import RecsvcError, Unavailable
 from recsvc.feedback import FeedbackEvent, event_problems
+from recsvc.similarity import CFModel
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -65,10 +66,28 @@ def event_from_proto(event: pb.FeedbackEvent) -> FeedbackEvent:
     )
 
 
+def model_info(model: CFModel) -> pb.ModelInfo:
+    bundle = model.bundle
+    return pb.ModelInfo(
+        model_version=bundle.model_version,
+        created=bundle.created,
+        n_users=len(bundle.users),
+        n_items=len(bundle.items),
+        n_interactions=int(bundle.user_items.nnz),
+        params_json=json.dumps(bundle.params, sort_keys=True),
+    )
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        reload_model: Callable[[str], Awaitable[CFModel]],
+    ):
         self.engine = engine
         self.settings = settings
+        self._reload_model = reload_model
 
     @_status_errors
     async def Recommend(self, request: pb.RecommendRequest, context: Any) -> pb.RecommendResponse:
@@ -129,8 +148,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 async for event in request_iterator:
                     await queue.put((index, event))
                     index += 1
-            finally:
-                await queue.put(None)
+            except grpc.RpcError:
+                pass  # the client went away; what was read is still written and acked
+            await queue.put(None)  # not reached when cancelled: nobody is waiting then
 
         reader = asyncio.create_task(read())
         try:
@@ -148,8 +168,6 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     except Unavailable as exc:
                         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
                     yield ack
-            if reader.done() and reader.exception() is not None:
-                raise reader.exception()  # type: ignore[misc]
         finally:
             reader.cancel()
 
@@ -191,12 +209,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     @_status_errors
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
-        bundle = self.engine.model.bundle
-        return pb.ModelInfo(
-            model_version=bundle.model_version,
-            created=bundle.created,
-            n_users=len(bundle.users),
-            n_items=len(bundle.items),
-            n_interactions=int(bundle.user_items.nnz),
-            params_json=json.dumps(bundle.params, sort_keys=True),
-        )
+        return model_info(self.engine.model)
+
+    @_status_errors
+    async def ReloadModel(self, request: pb.ReloadModelRequest, context: Any) -> pb.ModelInfo:
+        return model_info(await self._reload_model(request.model_dir))

@@ -111,6 +111,8 @@ class CFModel:
         self.users = bundle.users
         self.items = bundle.items
         self.model_version = bundle.model_version
+        # feedback up to this time is in the training data (0: unknown)
+        self.data_until_ms = int(bundle.params.get("data_until_ms", 0))
         self._scorer = NearestNeighboursScorer(bundle.similarity)
         self._user_items = bundle.user_items
         self.popularity = bundle.popularity.astype(np.float64)

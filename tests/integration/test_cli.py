@@ -1,6 +1,5 @@
 """The real command line: train a bundle, serve it with the embedded Redis, stop it."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -8,43 +7,13 @@ import time
 
 import grpc
 import pytest
+from helpers import alive, redis_pid, start_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
-
-
-def recsvc(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "recsvc.cli", *args], **kwargs)
-
-
-def start_serving(model, data_dir, log_path):
-    log = open(log_path, "w")
-    proc = recsvc("serve", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
-                  "--data-dir", str(data_dir), stderr=log)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = log_path.read_text()
-        if "serving on port" in text:
-            return proc, int(text.split("serving on port ")[1].split('"')[0].split()[0])
-        assert proc.poll() is None, text
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(log_path.read_text())
-
-
-def redis_pid(data_dir):
-    return int((data_dir / "redis.pid").read_text())
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_train_then_serve_then_sigterm(tmp_path, clustered_csv):

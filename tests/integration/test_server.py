@@ -1,9 +1,8 @@
 """End to end: a real server on port 0, a real Redis, generated stubs."""
 
-import time
-
 import grpc
 import pytest
+from helpers import wait_for
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -25,15 +24,6 @@ def purchase(event_id, user, item, type_=pb.PURCHASE):
 def health(server):
     stub = health_pb2_grpc.HealthStub(server.channel)
     return stub.Check(health_pb2.HealthCheckRequest(service="recsvc.v1.Recommender")).status
-
-
-def wait_for(predicate, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_known_user_gets_cf_list_without_seen_items(server):

@@ -1,0 +1,47 @@
+"""Helpers shared by the test modules (importable: pytest puts tests/ on sys.path)."""
+
+import os
+import subprocess
+import sys
+import time
+
+
+def wait_for(predicate, timeout_s=5.0, interval_s=0.02):
+    """Poll ``predicate`` until it is true or ``timeout_s`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def recsvc(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "recsvc.cli", *args], **kwargs)
+
+
+def start_serving(model, data_dir, log_path, *extra):
+    log = open(log_path, "w")
+    proc = recsvc("serve", "--model", str(model), "--port", "0", "--host", "127.0.0.1",
+                  "--data-dir", str(data_dir), *extra, stderr=log)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        if "serving on port" in text:
+            return proc, int(text.split("serving on port ")[1].split('"')[0].split()[0])
+        assert proc.poll() is None, text
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(log_path.read_text())
+
+
+def redis_pid(data_dir):
+    return int((data_dir / "redis.pid").read_text())
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
