@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from recsvc.server import serve
+    from recsvc.server import serve, serve_workers
 
     overrides = {
         name: value
@@ -83,11 +83,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("host", args.host),
             ("redis_url", args.redis_url),
             ("data_dir", args.data_dir),
+            ("workers", args.workers),
         )
         if value is not None
     }
     settings = Settings(**overrides)
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.workers > 1:
+        return serve_workers(settings)
     asyncio.run(serve(settings))
     return 0
 
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="Redis URL; unset: embedded Redis [RECSVC_REDIS_URL]")
     serve.add_argument("--data-dir", type=Path,
                        help="embedded Redis data directory [RECSVC_DATA_DIR=recsvc-data]")
+    serve.add_argument("--workers", type=int,
+                       help="serving processes sharing the port (SO_REUSEPORT) [RECSVC_WORKERS=1]")
     serve.set_defaults(func=cmd_serve)
 
     export = sub.add_parser(

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     model: Path | None = Field(None, description="model bundle directory")
     host: str = Field("[::]", description="address to listen on")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    workers: int = Field(1, ge=1, le=64, description="serving processes sharing the port")
+    reuse_port: bool = Field(
+        False, description="bind with SO_REUSEPORT (set for each of several workers)"
+    )
     redis_url: str | None = Field(
         None,
         description="redis://, rediss:// or unix:// URL; unset starts an embedded Redis",

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import logging
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from recsvc.engine import Engine
 from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, RecsvcError
 from recsvc.service import RecommenderServicer
 from recsvc.similarity import CFModel
-from recsvc.store import EmbeddedRedis, UserStore
+from recsvc.store import EmbeddedRedis, UserStore, die_with_parent, free_port
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -84,7 +88,7 @@ class RecsvcServer:
 
         server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(settings.reuse_port)),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ]
         )
@@ -105,7 +109,7 @@ class RecsvcServer:
         self._monitor = asyncio.create_task(self._monitor_health())
         if settings.model_watch_s > 0:
             self._watcher = asyncio.create_task(self._watch_model())
-        log.info("serving on port %d", self.port)
+        log.info("serving on port %d", self.port, extra={"rss_mb": rss_mb(), "pid": os.getpid()})
         return self.port
 
     async def _set_health(self, status: int) -> None:
@@ -219,3 +223,58 @@ async def serve(settings: Settings) -> None:
         await server.wait()
     finally:
         await server.stop()
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except OSError:
+        return 0.0
+
+
+def _worker_env(settings: Settings, redis_url: str, port: int) -> dict[str, str]:
+    """The settings as RECSVC_* variables, for a worker process to rebuild them."""
+    env = dict(os.environ)
+    values = settings.model_dump(mode="json", exclude_none=True)
+    values.update(redis_url=redis_url, port=port, reuse_port=True, workers=1)
+    for name, value in values.items():
+        env[f"RECSVC_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+    return env
+
+
+def serve_workers(settings: Settings) -> int:
+    """Run ``settings.workers`` serving processes on one port (SO_REUSEPORT) and
+    one shared Redis; each loads the model itself. SIGTERM/SIGINT stops them all."""
+    embedded = None
+    redis_url = settings.redis_url
+    if not redis_url:
+        embedded = EmbeddedRedis(settings.data_dir).start()
+        redis_url = embedded.url
+    port = settings.port or free_port(settings.host)
+    env = _worker_env(settings, redis_url, port)
+    command = [sys.executable, "-m", "recsvc.cli", "serve"]
+    workers = [
+        subprocess.Popen(command, env=env, preexec_fn=die_with_parent)
+        for _ in range(settings.workers)
+    ]
+    log.info("started %d workers on port %d", len(workers), port,
+             extra={"pids": ",".join(str(w.pid) for w in workers)})  # fmt: skip
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        while all(w.poll() is None for w in workers):
+            time.sleep(0.2)
+    finally:
+        forward(signal.SIGTERM, None)  # one worker died: stop the rest too
+        codes = [w.wait() for w in workers]
+        if embedded is not None:
+            embedded.stop()
+    return max(abs(c) for c in codes)

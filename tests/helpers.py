@@ -27,8 +27,9 @@ def start_serving(model, data_dir, log_path, *extra):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         text = log_path.read_text()
-        if "serving on port" in text:
-            return proc, int(text.split("serving on port ")[1].split('"')[0].split()[0])
+        for marker in ("serving on port ", "workers on port "):
+            if marker in text:
+                return proc, int(text.split(marker)[1].split('"')[0].split()[0])
         assert proc.poll() is None, text
         time.sleep(0.05)
     proc.kill()

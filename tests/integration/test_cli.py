@@ -76,3 +76,30 @@ def test_killed_server_leaves_no_redis_and_restarts_with_its_data(tmp_path, mode
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_several_workers_share_the_port_and_the_redis(tmp_path, model_dir):
+    data_dir = tmp_path / "data"
+    proc, port = start_serving(model_dir, data_dir, tmp_path / "w.log", "--workers", "2")
+    try:
+        log = tmp_path / "w.log"
+        from helpers import wait_for
+
+        assert wait_for(lambda: log.read_text().count("serving on port") == 2, timeout_s=30)
+        worker_pids = [int(line.split("pid=")[1].split()[0])
+                       for line in log.read_text().splitlines() if "serving on port" in line]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            pb_grpc.RecommenderStub(channel).SendFeedback(pb.SendFeedbackRequest(events=[
+                pb.FeedbackEvent(event_id="w-1", user_id="wuser", item_id="b1", type=pb.PURCHASE)]))
+        # new connections land on either worker: every one sees the same state
+        for _ in range(6):
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                rec = pb_grpc.RecommenderStub(channel).Recommend(
+                    pb.RecommendRequest(user_id="wuser", k=3))
+                assert rec.personalized and "b1" not in [i.item_id for i in rec.items]
+        redis = redis_pid(data_dir)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert not alive(redis) and not any(alive(p) for p in worker_pids)
