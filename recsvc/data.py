@@ -17,7 +17,9 @@ negative feedback (dislike, skip, low ratings) never counts as a like.
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -279,3 +281,90 @@ def build_matrix(
     matrix.eliminate_zeros()
     matrix.sort_indices()
     return matrix, users, items
+
+
+# --- catalogues: item content ---------------------------------------------------
+
+_WORD = re.compile(r"[^\W\d_]{3,}", re.UNICODE)
+_STOPWORDS = frozenset(
+    "the and for with from this that your you are was were has have not but all any can "
+    "its our out new one two its into per via set".split()
+)
+
+
+def content_attributes(
+    categories: Iterable[str] = (), tags: Iterable[str] = (), text: str = ""
+) -> list[str]:
+    """An item's content as attribute names: ``category:x``, ``tag:x``, ``word:x``."""
+    attrs = [f"category:{c.strip().lower()}" for c in categories if c.strip()]
+    attrs += [f"tag:{t.strip().lower()}" for t in tags if t.strip()]
+    attrs += [f"word:{w}" for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+    return list(dict.fromkeys(attrs))
+
+
+def _as_list(value: object, separator: str = "|") -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [v for v in str(value).split(separator) if v.strip()]
+
+
+def read_catalogue(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Item id -> content attributes, from JSONL or CSV/TSV.
+
+    JSONL: one object per line with ``item_id`` and any of ``category`` /
+    ``categories``, ``tags`` (list or ``a|b``), ``title`` / ``text``.
+    CSV/TSV: a header with ``item_id`` and any of the same columns (lists
+    separated by ``|``).
+    """
+    path = Path(path)
+    rows: list[dict[str, object]] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        first = f.readline()
+        f.seek(0)
+        if first.lstrip().startswith("{"):
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{lineno}: invalid JSON ({exc})") from None
+        else:
+            rows = list(csv.DictReader(f, delimiter="\t" if "\t" in first else ","))
+    catalogue: dict[str, list[str]] = {}
+    for lineno, row in enumerate(rows, 1):
+        item = str(row.get("item_id") or "").strip()
+        if not item:
+            raise ValueError(f"{path}: row {lineno} has no item_id")
+        catalogue[item] = content_attributes(
+            _as_list(row.get("categories")) + _as_list(row.get("category")),
+            _as_list(row.get("tags")),
+            " ".join(str(row.get(k) or "") for k in ("title", "text")),
+        )
+    if not catalogue:
+        raise ValueError(f"{path}: no items found")
+    return catalogue
+
+
+def build_item_attributes(
+    items: IdMap, catalogue: dict[str, list[str]], min_items: int = 2
+) -> tuple[sp.csr_matrix, IdMap]:
+    """The binary items x attributes matrix for the model's items, and the
+    attribute vocabulary (attributes of fewer than ``min_items`` items dropped)."""
+    counts: dict[str, int] = {}
+    for item in items.ids:
+        for attr in catalogue.get(item, ()):
+            counts[attr] = counts.get(attr, 0) + 1
+    vocab = IdMap(sorted(a for a, c in counts.items() if c >= min_items))
+    rows, cols = [], []
+    for row, item in enumerate(items.ids):
+        for attr in catalogue.get(item, ()):
+            col = vocab.get(attr)
+            if col >= 0:
+                rows.append(row)
+                cols.append(col)
+    matrix = sp.csr_matrix(
+        (np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(items), len(vocab))
+    )
+    return matrix, vocab

@@ -75,3 +75,25 @@ def test_build_matrix_extends_existing_maps(tmp_path):
     m, users, items = build_matrix(read_interactions(path), IdMap(["u1"]), IdMap(["i1"]))
     assert users.ids == ["u1", "u2"] and items.ids == ["i1", "i9"]
     assert np.asarray(m.sum(axis=1)).ravel().tolist() == [0, 2]
+
+
+def test_catalogue_jsonl_and_csv(tmp_path):
+    from recsvc.data import build_item_attributes, read_catalogue
+
+    jsonl = tmp_path / "catalogue.jsonl"
+    jsonl.write_text(
+        '{"item_id": "s1", "category": "Shoes", "tags": ["red", "running"], "title": "Trail running shoe"}\n'
+        '{"item_id": "s2", "categories": ["shoes"], "tags": "blue|running"}\n'
+        '{"item_id": "h1", "category": "hats", "title": "The red cap"}\n'
+    )
+    cat = read_catalogue(jsonl)
+    assert cat["s1"] == ["category:shoes", "tag:red", "tag:running", "word:trail",
+                         "word:running", "word:shoe"]  # fmt: skip
+    assert cat["h1"] == ["category:hats", "word:red", "word:cap"]
+    csv_path = tmp_path / "catalogue.csv"
+    csv_path.write_text("item_id,category,tags\ns1,shoes,red|running\ns2,shoes,blue\n")
+    assert read_catalogue(csv_path)["s1"] == ["category:shoes", "tag:red", "tag:running"]
+
+    matrix, vocab = build_item_attributes(IdMap(["s1", "s2", "h1", "x"]), cat)
+    assert vocab.ids == ["category:shoes", "tag:running"]  # attributes of >= 2 items
+    assert matrix.toarray().tolist() == [[1, 1], [1, 1], [0, 0], [0, 0]]
