@@ -1,4 +1,4 @@
-"""``recsvc train | serve | export-feedback``: flags, settings, construct, run. Nothing else lives here."""
+"""``recsvc train | serve | eval | export-feedback``: flags, settings, construct, run. Nothing else lives here."""
 
 from __future__ import annotations
 
@@ -122,6 +122,42 @@ def cmd_export_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from recsvc.bundle import load_bundle
+    from recsvc.data import read_interactions
+    from recsvc.evaluate import ranking_metrics
+    from recsvc.similarity import CFModel
+
+    started = time.perf_counter()
+    model = CFModel(load_bundle(args.model))
+    test = read_interactions(args.test)
+    users = model.users.indices(test.user_ids)
+    items = model.items.indices(test.item_ids)
+    known = (users >= 0) & (items >= 0)
+    test_items: list[list[int]] = [[] for _ in range(len(model.users))]
+    for user, item in zip(users[known].tolist(), items[known].tolist()):
+        test_items[user].append(item)
+    train = model.bundle.user_items
+    metrics = ranking_metrics(
+        lambda batch: model.score_users(train[batch]),
+        train,
+        [np.unique(np.array(t, dtype=np.int64)) for t in test_items],
+        k=args.k,
+    )
+    result = {
+        "model_version": model.model_version,
+        "strategy": "cf",
+        "k": args.k,
+        f"recall@{args.k}": round(metrics["recall"], 4),
+        f"ndcg@{args.k}": round(metrics["ndcg"], 4),
+        "users": metrics["n_users"],
+        "test_pairs_unknown_to_model": int((~known).sum()),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int,
                        help="serving processes sharing the port (SO_REUSEPORT) [RECSVC_WORKERS=1]")
     serve.set_defaults(func=cmd_serve)
+
+    evaluate = sub.add_parser(
+        "eval", help="full-ranking Recall@k / NDCG@k of a bundle on a test log"
+    )
+    evaluate.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    evaluate.add_argument("--test", required=True, type=Path,
+                          help="test interactions (same formats as train)")
+    evaluate.add_argument("--k", type=int, default=20)
+    evaluate.set_defaults(func=cmd_eval)
 
     export = sub.add_parser(
         "export-feedback", help="write the feedback log not yet exported to a CSV for training"

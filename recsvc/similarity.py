@@ -189,5 +189,14 @@ class CFModel:
         head = order[: n + len(banned)]
         return head[~np.isin(head, banned)][:n]
 
+    def score_users(self, history: sp.csr_matrix) -> np.ndarray:
+        """Dense scores (users x items, float32) for a batch of histories, ranked as
+        ``recommend`` then ``popular`` rank them: CF score first, popularity
+        breaking ties (and ordering the items CF cannot score)."""
+        scores = (history @ self.bundle.similarity).toarray().astype(np.float32)
+        tie_break = self.popularity / (self.popularity.max(initial=0) + 1) * 1e-6
+        scores += tie_break.astype(np.float32)
+        return scores
+
     def similar_items(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         return top_k_row(self.bundle.similarity, item, k)

@@ -103,3 +103,31 @@ def test_several_workers_share_the_port_and_the_redis(tmp_path, model_dir):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert not alive(redis) and not any(alive(p) for p in worker_pids)
+
+
+def test_eval_ranks_held_out_cluster_items_far_above_chance(tmp_path):
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    train, test = ["user_id,item_id"], ["user_id,item_id"]
+    for u in range(60):
+        cluster = "a" if u < 30 else "b"
+        items = rng.permutation(10)[:6]
+        train += [f"u{u},{cluster}{i}" for i in items[:5]]
+        test.append(f"u{u},{cluster}{items[5]}")
+    (tmp_path / "train.csv").write_text("\n".join(train) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(test) + "\n")
+    assert subprocess.run(
+        [sys.executable, "-m", "recsvc.cli", "train", "--interactions", str(tmp_path / "train.csv"),
+         "--out", str(tmp_path / "m"), "--quiet"], timeout=120).returncode == 0  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "recsvc.cli", "eval", "--model", str(tmp_path / "m"),
+         "--test", str(tmp_path / "test.csv"), "--k", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["users"] == 60 and result["test_pairs_unknown_to_model"] == 0
+    # 5 candidates left in the user's own cluster out of 15 unseen items: chance is 3/15
+    assert result["recall@3"] > 0.5 and 0 < result["ndcg@3"] <= 1
