@@ -8,6 +8,9 @@ Layout of a bundle directory (format version 1)::
     user_items.npz    training interactions, users x items CSR float32 (scipy)
     similarity.npz    item-item top-K cosine, items x items CSR float32 (scipy)
     popularity.npy    float32 per item: training users who interacted with it
+    attributes.txt    (with a catalogue) content attributes, one per line
+    item_attributes.npz (with a catalogue) items x attributes CSR float32
+    generator/        (optional) the generative model, see generators/io.py
 
 Nothing in a bundle is unpickled on load (``allow_pickle=False`` throughout),
 and every file's checksum is verified against the manifest.
@@ -50,6 +53,11 @@ class CFBundle:
     params: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
     created: str = ""
+    attributes: IdMap | None = None
+    item_attributes: sp.csr_matrix | None = None
+    # to save: a trained generators.vae.MultVAE; after loading: its directory
+    generator: Any = None
+    generator_dir: Path | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -86,7 +94,16 @@ def save_bundle(bundle: CFBundle, out_dir: str | os.PathLike[str], overwrite: bo
         sp.save_npz(tmp / "user_items.npz", bundle.user_items.astype(np.float32))
         sp.save_npz(tmp / "similarity.npz", bundle.similarity.astype(np.float32))
         np.save(tmp / "popularity.npy", bundle.popularity.astype(np.float32))
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        if bundle.attributes is not None and bundle.item_attributes is not None:
+            bundle.attributes.save(tmp / "attributes.txt")
+            sp.save_npz(tmp / "item_attributes.npz", bundle.item_attributes.astype(np.float32))
+        if bundle.generator is not None:
+            from generators.io import save_generator
+
+            save_generator(bundle.generator, tmp / "generator")
+        files = {
+            str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
         created = datetime.now(UTC)
         content_hash = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:8]
         bundle.created = created.isoformat(timespec="seconds")
@@ -147,6 +164,10 @@ def load_bundle(model_dir: str | os.PathLike[str], verify: bool = True) -> CFBun
     popularity = np.load(root / "popularity.npy", allow_pickle=False)
     if user_items.shape != (len(users), len(items)) or similarity.shape != (len(items),) * 2:
         raise BundleError(f"{root}: array shapes do not match the id maps")
+    attributes = item_attributes = None
+    if (root / "attributes.txt").is_file():
+        attributes = IdMap.load(root / "attributes.txt")
+        item_attributes = sp.load_npz(root / "item_attributes.npz").tocsr()
     return CFBundle(
         users=users,
         items=items,
@@ -156,4 +177,7 @@ def load_bundle(model_dir: str | os.PathLike[str], verify: bool = True) -> CFBun
         params=manifest.get("params", {}),
         model_version=manifest["model_version"],
         created=manifest["created"],
+        attributes=attributes,
+        item_attributes=item_attributes,
+        generator_dir=root / "generator" if (root / "generator").is_dir() else None,
     )

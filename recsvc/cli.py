@@ -28,7 +28,7 @@ def _parse_weights(text: str) -> dict[str, float]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from recsvc.bundle import CFBundle, save_bundle
-    from recsvc.data import build_matrix, read_many
+    from recsvc.data import build_item_attributes, build_matrix, read_catalogue, read_many
     from recsvc.similarity import fit_cosine
 
     overrides = {"event_weights": _parse_weights(args.event_weights)} if args.event_weights else {}
@@ -47,6 +47,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     similarity = fit_cosine(user_items, args.neighbours, args.threads, show_progress=show)
     fit_s = time.perf_counter() - fit_started
     popularity = np.asarray((user_items > 0).sum(axis=0), dtype=np.float32).ravel()
+    attributes = item_attributes = None
+    if args.catalogue:
+        attributes_of = read_catalogue(args.catalogue)
+        item_attributes, attributes = build_item_attributes(items, attributes_of)
+        log.info("catalogue: %d content attributes over %d items", len(attributes),
+                 int((item_attributes.getnnz(axis=1) > 0).sum()))  # fmt: skip
+    generator, generator_params = None, None
+    if args.generator:
+        generator, generator_params = _train_generator(args, user_items, item_attributes, show)
     bundle = CFBundle(
         users=users,
         items=items,
@@ -61,7 +70,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             "sources": [str(p) for p in args.interactions],
             "data_until_ms": interactions.latest_ms,
             "fit_seconds": round(fit_s, 3),
+            "catalogue": str(args.catalogue) if args.catalogue else None,
+            "generator": generator_params,
         },
+        attributes=attributes,
+        item_attributes=item_attributes,
+        generator=generator,
     )
     out = save_bundle(bundle, args.out, overwrite=args.force)
     log.info(
@@ -70,6 +84,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(json.dumps({"model_version": bundle.model_version, "out": str(out), **bundle.counts}))
     return 0
+
+
+def _train_generator(args, user_items, item_attributes, show):  # type: ignore[no-untyped-def]
+    """Mult-VAE on the same matrix, early-stopped on NDCG@20 of a validation split
+    carved from the training data (the test data is never seen)."""
+    import torch
+
+    from generators.train import train_vae
+    from recsvc.evaluate import holdout_split
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fit_part, valid = holdout_split(user_items, args.generator_valid_fraction, seed=args.seed)
+    started = time.perf_counter()
+    model, history = train_vae(
+        fit_part,
+        valid,
+        n_epochs=args.generator_epochs,
+        seed=args.seed,
+        progress=show,
+        attributes_csr=item_attributes,
+        max_seconds=args.generator_minutes * 60 if args.generator_minutes else None,
+        hidden=args.generator_hidden,
+        latent=args.generator_latent,
+        batch_size=args.generator_batch_size,
+        lr=args.generator_lr,
+    )
+    params = {
+        "epochs": args.generator_epochs,
+        "hidden": args.generator_hidden,
+        "latent": args.generator_latent,
+        "batch_size": args.generator_batch_size,
+        "lr": args.generator_lr,
+        "valid_fraction": args.generator_valid_fraction,
+        "seed": args.seed,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        **{k: v for k, v in history.items() if isinstance(v, int | float | str)},
+    }
+    log.info("generator trained: %s", json.dumps(params))
+    return model, params
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -170,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--neighbours", type=int, default=200, help="similar items kept per item")
     train.add_argument("--event-weights", help="e.g. 'view=1,click=2,purchase=8' (or JSON)")
     train.add_argument("--threads", type=int, default=0, help="fit threads (0: all cores)")
+    train.add_argument("--catalogue", type=Path,
+                       help="item content (JSONL or CSV: item_id, category, tags, title)")
+    train.add_argument("--generator", action="store_true",
+                       help="also train the generative model (Mult-VAE)")
+    train.add_argument("--generator-epochs", type=int, default=30)
+    train.add_argument("--generator-minutes", type=float, default=12.0,
+                       help="stop generator training after this long (0: no limit)")
+    train.add_argument("--generator-hidden", type=int, default=600)
+    train.add_argument("--generator-latent", type=int, default=200)
+    train.add_argument("--generator-batch-size", type=int, default=500)
+    train.add_argument("--generator-lr", type=float, default=1e-3)
+    train.add_argument("--generator-valid-fraction", type=float, default=0.1,
+                       help="share of each user's items held out for early stopping")
+    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--force", action="store_true", help="replace an existing bundle")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)

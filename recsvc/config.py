@@ -76,6 +76,15 @@ class Settings(BaseSettings):
         0, ge=0, description="approximate cap on the feedback stream (0: no cap)"
     )
 
+    # Generator
+    default_strategy: str = Field(
+        "", description="cf, generator or blend; empty: blend when a generator is loaded"
+    )
+    blend_weight: float = Field(
+        0.5, ge=0, le=1, description="generator weight in blend, unless the bundle tuned one"
+    )
+    max_generate: int = Field(100, ge=1, description="largest n a Generate may ask for")
+
     log_level: str = Field("INFO")
 
     @field_validator("event_weights")

@@ -6,11 +6,14 @@ It knows nothing of gRPC: the servicer converts messages to these calls and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -18,13 +21,57 @@ from redis.exceptions import RedisError
 from recsvc.config import Settings
 from recsvc.errors import InvalidArgument, NotFound, Unavailable
 from recsvc.feedback import FeedbackEvent, describe_problems, to_stored
+from recsvc.bundle import load_bundle
 from recsvc.similarity import CFModel
-from recsvc.store import ApplyResult, UserStore
+from recsvc.store import ApplyResult, CachedVector, StoredEvent, UserStore
+
+if TYPE_CHECKING:
+    from recsvc.generate import GeneratorModel
 
 log = logging.getLogger(__name__)
 
 SOURCE_CF = "cf"
 SOURCE_POPULARITY = "popularity"
+SOURCE_GENERATOR = "generator"
+
+STRATEGY_CF = "cf"
+STRATEGY_GENERATOR = "generator"
+STRATEGY_BLEND = "blend"
+STRATEGIES = (STRATEGY_CF, STRATEGY_GENERATOR, STRATEGY_BLEND)
+
+
+def blend_scores(
+    generator_logits: np.ndarray, cf_scores: np.ndarray | None, generator_weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch blend (users x items): ``w * softmax(logits) + (1 - w) * cf / sum(cf)``,
+    and where the generator's part is the larger one. Used by serving and eval alike."""
+    logits = generator_logits.astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    generator_part = generator_weight * probs
+    if cf_scores is None or generator_weight >= 1:
+        return generator_part, np.ones(generator_part.shape, dtype=bool)
+    cf = np.maximum(cf_scores.astype(np.float64), 0)
+    totals = cf.sum(axis=1, keepdims=True)
+    cf_part = (1 - generator_weight) * np.divide(cf, totals, out=np.zeros_like(cf), where=totals > 0)
+    return generator_part + cf_part, generator_part > cf_part
+
+
+def load_model(model_dir: Path) -> CFModel:
+    """A bundle ready to serve: the CF model, with its generator when it has one."""
+    bundle = load_bundle(model_dir)
+    model = CFModel(bundle)
+    if bundle.generator_dir is not None:
+        from recsvc.generate import GeneratorModel  # imports torch: only when needed
+
+        model.generator = GeneratorModel.load(
+            bundle.generator_dir,
+            bundle.attributes,
+            bundle.item_attributes,
+            source=f"catalogue {bundle.params.get('catalogue', 'none')} of bundle {model_dir}",
+        )
+    return model
 
 
 @dataclass
@@ -40,6 +87,23 @@ class Recommendation:
     @property
     def degraded(self) -> bool:
         return bool(self.degraded_reason)
+
+
+@dataclass
+class GeneratedView:
+    content: list[tuple[str, float]]
+    nearest: list[tuple[str, float]]
+    why_attributes: list[str]
+    why_items: list[str]
+
+
+@dataclass
+class Generation:
+    items: list[GeneratedView]
+    generation_id: str
+    model_version: str
+    seed: int
+    degraded_reason: str = ""
 
 
 @dataclass
@@ -68,6 +132,7 @@ class Engine:
         self.settings = settings
         self.store_available = True
         self.store_error = ""
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- store health -----------------------------------------------------------
 
@@ -114,31 +179,69 @@ class Engine:
         self.model = model
 
     async def _history(
-        self, model: CFModel, user_id: str
-    ) -> tuple[np.ndarray, np.ndarray, str]:
+        self, model: CFModel, user_id: str, with_vector: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, str, CachedVector | None]:
         """The user's merged history (training + feedback), as unique item indices
-        and summed weights, and why it is degraded (empty if it is not)."""
+        and summed weights, why it is degraded (empty if it is not), and the
+        cached generator vector when asked for."""
         train_items, train_weights = model.training_history(user_id)
         degraded = ""
         feedback_ids: list[str] = []
         feedback_weights = np.empty(0, dtype=np.float64)
+        cached = None
         if self.store_available:
             try:
-                feedback_ids, feedback_weights = await self.store.get_history(
-                    user_id, model.data_until_ms
+                feedback_ids, feedback_weights, cached = await self.store.get_history(
+                    user_id, model.data_until_ms, with_vector
                 )
             except (RedisError, OSError) as exc:
                 self._mark_store_down(exc)
         if not self.store_available:
             degraded = f"user state store unavailable ({self.store_error}); served from the model"
         if not feedback_ids:
-            return train_items, train_weights, degraded
+            return train_items, train_weights, degraded, cached
         feedback_items = model.items.indices(feedback_ids)
         known = feedback_items >= 0
         items = np.concatenate([train_items, feedback_items[known]])
         weights = np.concatenate([train_weights, feedback_weights[known]])
         unique, inverse = np.unique(items, return_inverse=True)
-        return unique, np.bincount(inverse, weights=weights), degraded
+        return unique, np.bincount(inverse, weights=weights), degraded, cached
+
+    async def _latent(
+        self,
+        generator: GeneratorModel,
+        user_id: str,
+        items: np.ndarray,
+        weights: np.ndarray,
+        cached: CachedVector | None,
+    ) -> np.ndarray:
+        """The user's latent: from the cached encoder state when it reflects all
+        their events, else encoded from the history and cached for next time."""
+        if cached is not None and cached.fresh_for(generator.version):
+            assert cached.blob is not None
+            return generator.latent(generator.state_from_bytes(cached.blob))
+        state, mu = generator.encode(items, weights)
+        if cached is not None and self.store_available:
+            try:
+                await self.store.put_vector(
+                    user_id, cached.events, state.to_bytes(), generator.version
+                )
+            except (RedisError, OSError) as exc:
+                self._mark_store_down(exc)
+        return mu
+
+    def _strategy(self, model: CFModel, strategy: str) -> str:
+        strategy = strategy or self.settings.default_strategy or (
+            STRATEGY_BLEND if model.generator is not None else STRATEGY_CF
+        )
+        if strategy not in STRATEGIES:
+            raise InvalidArgument(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+        if strategy != STRATEGY_CF and model.generator is None:
+            raise InvalidArgument(
+                f"strategy {strategy!r} needs a generator, and model {model.model_version} has "
+                "none: train with --generator, or ask for strategy cf"
+            )
+        return strategy
 
     async def recommend(
         self,
@@ -147,20 +250,56 @@ class Engine:
         exclude_item_ids: Sequence[str] = (),
         restrict_item_ids: Sequence[str] = (),
         include_seen: bool = False,
+        strategy: str = "",
+        blend_weight: float | None = None,
     ) -> Recommendation:
-        """Top-k for a user: CF over their history, filled up with popular items."""
+        """Top-k for a user by CF (filled up with popular items), by the
+        generator, or by a blend of the two."""
         self._check_id("user_id", user_id)
         self._check_k(k)
         self._check_filter("exclude_item_ids", exclude_item_ids)
         self._check_filter("restrict_item_ids", restrict_item_ids)
+        if blend_weight is not None and not 0 <= blend_weight <= 1:
+            raise InvalidArgument(f"blend_weight must be in [0, 1], got {blend_weight}")
         model = self.model  # one model for the whole call, even if a reload swaps it
+        strategy = self._strategy(model, strategy)
         exclude = model.items.indices(exclude_item_ids) if exclude_item_ids else None
         restrict = None
         if restrict_item_ids:
             restrict = np.unique(model.items.indices(restrict_item_ids))
             restrict = restrict[restrict >= 0]
 
-        items, weights, degraded = await self._history(model, user_id)
+        items, weights, degraded, cached = await self._history(
+            model, user_id, with_vector=strategy != STRATEGY_CF
+        )
+        if strategy == STRATEGY_CF:
+            chosen, scores, sources = self._rank_cf(
+                model, items, weights, k, exclude, restrict, include_seen
+            )
+            personalized = SOURCE_CF in sources
+        else:
+            assert model.generator is not None
+            mu = await self._latent(model.generator, user_id, items, weights, cached)
+            if blend_weight is None:
+                blend_weight = float(model.params.get("blend_weight", self.settings.blend_weight))
+            chosen, scores, sources = self._rank_generator(
+                model, items, weights, mu, k, exclude, restrict, include_seen,
+                1.0 if strategy == STRATEGY_GENERATOR else blend_weight,
+            )  # fmt: skip
+            personalized = len(items) > 0
+        ids = model.items.ids
+        return Recommendation(
+            item_ids=[ids[i] for i in chosen],
+            scores=scores,
+            sources=sources,
+            recommendation_id=uuid.uuid4().hex,
+            model_version=model.model_version,
+            personalized=personalized,
+            degraded_reason=degraded,
+        )
+
+    @staticmethod
+    def _rank_cf(model, items, weights, k, exclude, restrict, include_seen):  # type: ignore[no-untyped-def]
         cf_items, cf_scores = model.recommend(items, weights, k, exclude, restrict, include_seen)
         chosen, scores = cf_items, cf_scores.astype(np.float64)
         n_cf = len(cf_items)
@@ -173,14 +312,97 @@ class Engine:
             popular = model.popular(k - n_cf, np.concatenate(banned), restrict)
             chosen = np.concatenate([cf_items, popular])
             scores = np.concatenate([scores, model.popularity[popular] / max(len(model.users), 1)])
-        ids = model.items.ids
-        return Recommendation(
-            item_ids=[ids[i] for i in chosen],
-            scores=scores,
-            sources=[SOURCE_CF] * n_cf + [SOURCE_POPULARITY] * (len(chosen) - n_cf),
-            recommendation_id=uuid.uuid4().hex,
+        return chosen, scores, [SOURCE_CF] * n_cf + [SOURCE_POPULARITY] * (len(chosen) - n_cf)
+
+    @staticmethod
+    def _rank_generator(  # type: ignore[no-untyped-def]
+        model, items, weights, mu, k, exclude, restrict, include_seen, generator_weight
+    ):
+        """Mix two distributions over the catalogue: the generator's softmax and
+        the CF scores normalised to sum to one (no CF: popularity)."""
+        generator_scores = blend_scores(
+            model.generator.item_scores(mu)[None, :],
+            model.score_history_dense(items, weights)[None, :] if generator_weight < 1 else None,
+            generator_weight,
+        )
+        mixed, from_generator = generator_scores
+        mixed, from_generator = mixed[0], from_generator[0]
+        banned = [] if include_seen else [items]
+        if exclude is not None:
+            banned.append(exclude)
+        if restrict is not None:
+            allowed = np.zeros(len(mixed), dtype=bool)
+            allowed[restrict] = True
+            mixed[~allowed] = -np.inf
+        if banned:
+            mixed[np.concatenate(banned)] = -np.inf
+        n = min(k, int(np.isfinite(mixed).sum()))
+        if n == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0), []
+        top = np.argpartition(-mixed, n - 1)[:n]
+        top = top[np.argsort(-mixed[top], kind="stable")]
+        sources = [SOURCE_GENERATOR if g else SOURCE_CF for g in from_generator[top].tolist()]
+        return top, mixed[top], sources
+
+    async def generate(
+        self,
+        user_id: str,
+        n: int,
+        topic: str = "",
+        temperature: float | None = None,
+        seed: int | None = None,
+        diversity: float | None = None,
+        neighbours: int = 0,
+        exclude_item_ids: Sequence[str] = (),
+    ) -> Generation:
+        """``n`` generated items for a user (see :mod:`recsvc.generate`)."""
+        self._check_id("user_id", user_id)
+        if not 1 <= n <= self.settings.max_generate:
+            raise InvalidArgument(f"n must be between 1 and {self.settings.max_generate}, got {n}")
+        temperature = 1.0 if temperature is None else temperature
+        if not (temperature > 0 and np.isfinite(temperature)):
+            raise InvalidArgument(f"temperature must be > 0, got {temperature}")
+        diversity = 0.5 if diversity is None else diversity
+        if not 0 <= diversity <= 1:
+            raise InvalidArgument(f"diversity must be in [0, 1], got {diversity}")
+        neighbours = neighbours or 3
+        if not 1 <= neighbours <= 20:
+            raise InvalidArgument(f"neighbours must be between 1 and 20, got {neighbours}")
+        self._check_filter("exclude_item_ids", exclude_item_ids)
+        model = self.model
+        generator = model.generator
+        if generator is None:
+            raise InvalidArgument(
+                f"model {model.model_version} has no generator: train with --generator"
+            )
+        if topic:
+            generator.topic_attributes(topic)  # bad topics fail before any I/O
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**63))
+        exclude = model.items.indices(exclude_item_ids) if exclude_item_ids else None
+        if exclude is not None:
+            exclude = exclude[exclude >= 0]
+        items, weights, degraded, cached = await self._history(model, user_id, with_vector=True)
+        mu = await self._latent(generator, user_id, items, weights, cached)
+        result = generator.generate(
+            mu, items, n, temperature, seed, diversity, neighbours,
+            model.bundle.similarity, topic, exclude,
+        )  # fmt: skip
+        item_ids = model.items.ids
+        attribute_ids = generator.attributes.ids if generator.attributes is not None else []
+        return Generation(
+            items=[
+                GeneratedView(
+                    content=[(attribute_ids[a], p) for a, p in g.content],
+                    nearest=[(item_ids[i], score) for i, score in g.nearest],
+                    why_attributes=[attribute_ids[a] for a in g.why_attributes],
+                    why_items=[item_ids[i] for i in g.why_items],
+                )
+                for g in result.items
+            ],
+            generation_id=uuid.uuid4().hex,
             model_version=model.model_version,
-            personalized=n_cf > 0,
+            seed=result.seed,
             degraded_reason=degraded,
         )
 
@@ -219,9 +441,17 @@ class Engine:
         recent = sorted(stored.last_event_ms.items(), key=lambda kv: -kv[1])
         history = [HistoryItem(item, weights.pop(item, 0.0), ms) for item, ms in recent]
         history += [HistoryItem(item, w, None) for item, w in weights.items()]
+        vector = np.empty(0, dtype=np.float32)
+        if model.generator is not None:
+            items, item_weights, _, cached = await self._history(model, user_id, with_vector=True)
+            vector = np.asarray(
+                await self._latent(model.generator, user_id, items, item_weights, cached),
+                dtype=np.float32,
+            )
         return UserStateView(
             user_id=user_id,
             history=history,
+            vector=vector,
             updated_ms=stored.updated_ms,
             known_to_model=user_id in model.users,
             event_count=stored.event_count,
@@ -252,11 +482,52 @@ class Engine:
             )
         now_ms = int(time.time() * 1000)
         stored = [to_stored(e, self.settings, now_ms) for e in events]
+        model = self.model
         try:
-            return await self.store.apply_events(stored)
+            results = await self.store.apply_events(stored)
         except (RedisError, OSError) as exc:
             self._mark_store_down(exc)
             raise Unavailable(
                 f"user state store unavailable ({self.store_error}); feedback not acknowledged, "
                 "retry (resending the same event ids is safe)"
             ) from exc
+        if model.generator is not None:
+            # derived data: updated after the ack; a read that finds it behind re-encodes
+            task = asyncio.create_task(self._update_vectors(model, stored, results))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return results
+
+    async def _update_vectors(
+        self, model: CFModel, events: Sequence[StoredEvent], results: Sequence[ApplyResult]
+    ) -> None:
+        """Move each user's cached encoder state by the events just applied, without
+        re-reading their history (the first encoder layer is linear in the input)."""
+        generator = model.generator
+        assert generator is not None
+        per_user: dict[str, list[tuple[int, float, float, int]]] = {}
+        for event, result in zip(events, results):
+            if result.applied:
+                per_user.setdefault(event.user_id, []).append(
+                    (model.items.get(event.item_id), event.weight, result.weight, result.events)
+                )
+        users = list(per_user)
+        try:
+            cached = await self.store.get_vectors(users)
+            for user, vector in zip(users, cached):
+                updates = per_user[user]
+                first = updates[0][3] - 1
+                consecutive = [u[3] for u in updates] == list(range(first + 1, first + 1 + len(updates)))
+                if not (vector.blob and vector.model == generator.version
+                        and vector.vector_events == first and consecutive):  # fmt: skip
+                    continue  # missing or behind: the next read re-encodes from the history
+                state = generator.state_from_bytes(vector.blob)
+                for item, delta, feedback_weight, _ in updates:
+                    if item >= 0:
+                        trained = model.training_weight(user, item)
+                        state = generator.update(
+                            state, item, trained + feedback_weight - delta, trained + feedback_weight
+                        )
+                await self.store.put_vector(user, updates[-1][3], state.to_bytes(), generator.version)
+        except (RedisError, OSError) as exc:
+            log.info("user vectors not updated (%s); they are re-encoded on the next read", exc)

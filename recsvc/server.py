@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import grpc
+from threadpoolctl import threadpool_limits
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from recsvc.bundle import BundleError, load_bundle, read_manifest
+from recsvc.bundle import BundleError, read_manifest
 from recsvc.config import Settings, redact_url
-from recsvc.engine import Engine
+from recsvc.engine import Engine, load_model
 from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, RecsvcError
 from recsvc.service import RecommenderServicer
 from recsvc.similarity import CFModel
@@ -63,9 +64,12 @@ class RecsvcServer:
         """Load the model, connect Redis (starting the embedded one if no URL),
         and listen; returns the bound port."""
         settings = self.settings
+        # one BLAS thread per serving process: two processes sharing the cores with
+        # multi-threaded BLAS each made p99 jump 10x (docs: performance-notes)
+        threadpool_limits(1)
         started = time.perf_counter()
         self._model_dir = settings.model.resolve()  # type: ignore[union-attr]
-        model = CFModel(load_bundle(self._model_dir))
+        model = load_model(self._model_dir)
         log.info(
             "model loaded: version=%s items=%d users=%d in %.2fs",
             model.model_version, len(model.items), len(model.users),
@@ -149,7 +153,7 @@ class RecsvcServer:
         async with self._reload_lock:
             started = time.perf_counter()
             try:
-                model = await asyncio.to_thread(lambda: CFModel(load_bundle(path)))
+                model = await asyncio.to_thread(load_model, path)
             except (BundleError, OSError, ValueError) as exc:
                 raise FailedPrecondition(f"cannot load the model at {path}: {exc}") from exc
             previous = self.engine.model.model_version
@@ -277,4 +281,5 @@ def serve_workers(settings: Settings) -> int:
         codes = [w.wait() for w in workers]
         if embedded is not None:
             embedded.stop()
-    return max(abs(c) for c in codes)
+    # a worker still starting when we asked it to stop dies of the SIGTERM itself
+    return max((abs(c) for c in codes if c != -signal.SIGTERM), default=0)

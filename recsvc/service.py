@@ -16,7 +16,16 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from recsvc.config import Settings
-from recsvc.engine import SOURCE_CF, SOURCE_POPULARITY, Engine
+from recsvc.engine import (
+    SOURCE_CF,
+    SOURCE_GENERATOR,
+    SOURCE_POPULARITY,
+    STRATEGY_BLEND,
+    STRATEGY_CF,
+    STRATEGY_GENERATOR,
+    Engine,
+)
+from recsvc.errors import InvalidArgument
 from recsvc.errors import RecsvcError, Unavailable
 from recsvc.feedback import FeedbackEvent, event_problems
 from recsvc.similarity import CFModel
@@ -25,7 +34,17 @@ from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SOURCES = {SOURCE_CF: pb.SOURCE_CF, SOURCE_POPULARITY: pb.SOURCE_POPULARITY}
+SOURCES = {
+    SOURCE_CF: pb.SOURCE_CF,
+    SOURCE_POPULARITY: pb.SOURCE_POPULARITY,
+    SOURCE_GENERATOR: pb.SOURCE_GENERATOR,
+}
+STRATEGIES = {
+    pb.STRATEGY_UNSPECIFIED: "",
+    pb.STRATEGY_CF: STRATEGY_CF,
+    pb.STRATEGY_GENERATOR: STRATEGY_GENERATOR,
+    pb.STRATEGY_BLEND: STRATEGY_BLEND,
+}
 EVENT_TYPES = {v.number: v.name.lower() for v in pb.EventType.DESCRIPTOR.values if v.number}
 
 T = TypeVar("T")
@@ -91,12 +110,16 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     @_status_errors
     async def Recommend(self, request: pb.RecommendRequest, context: Any) -> pb.RecommendResponse:
+        if request.strategy not in STRATEGIES:
+            raise InvalidArgument(f"unknown strategy {request.strategy}")
         rec = await self.engine.recommend(
             request.user_id,
             request.k,
             exclude_item_ids=request.exclude_item_ids,
             restrict_item_ids=request.restrict_item_ids,
             include_seen=request.include_seen,
+            strategy=STRATEGIES[request.strategy],
+            blend_weight=request.blend_weight if request.HasField("blend_weight") else None,
         )
         return pb.RecommendResponse(
             items=[
@@ -108,6 +131,38 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             degraded=rec.degraded,
             degraded_reason=rec.degraded_reason,
             personalized=rec.personalized,
+        )
+
+    @_status_errors
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+        generation = await self.engine.generate(
+            request.user_id,
+            request.n,
+            topic=request.topic,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            seed=request.seed if request.HasField("seed") else None,
+            diversity=request.diversity if request.HasField("diversity") else None,
+            neighbours=request.neighbours,
+            exclude_item_ids=request.exclude_item_ids,
+        )
+        return pb.GenerateResponse(
+            items=[
+                pb.GeneratedItem(
+                    content=[pb.Attribute(name=a, weight=w) for a, w in item.content],
+                    nearest_items=[
+                        pb.ScoredItem(item_id=i, score=s, source=pb.SOURCE_GENERATOR)
+                        for i, s in item.nearest
+                    ],
+                    why_attributes=item.why_attributes,
+                    why_history_item_ids=item.why_items,
+                )
+                for item in generation.items
+            ],
+            generation_id=generation.generation_id,
+            model_version=generation.model_version,
+            seed=generation.seed,
+            degraded=bool(generation.degraded_reason),
+            degraded_reason=generation.degraded_reason,
         )
 
     @_status_errors

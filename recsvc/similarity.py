@@ -9,6 +9,7 @@ similar to what the user touched, weighted by how strongly they touched it.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -115,6 +116,8 @@ class CFModel:
         self.data_until_ms = int(bundle.params.get("data_until_ms", 0))
         self._scorer = NearestNeighboursScorer(bundle.similarity)
         self._user_items = bundle.user_items
+        self.params = bundle.params
+        self.generator: Any = None  # a recsvc.generate.GeneratorModel, set by the loader
         self.popularity = bundle.popularity.astype(np.float64)
         self.popularity_order = np.argsort(-self.popularity, kind="stable")
 
@@ -132,6 +135,16 @@ class CFModel:
             self._user_items.indices[start:end].astype(np.int64),
             self._user_items.data[start:end].astype(np.float64),
         )
+
+    def training_weight(self, user: str, item: int) -> float:
+        """The user's training weight for one item (0 if none)."""
+        row = self.users.get(user)
+        if row < 0:
+            return 0.0
+        start, end = self._user_items.indptr[row], self._user_items.indptr[row + 1]
+        cols = self._user_items.indices[start:end]
+        pos = int(np.searchsorted(cols, item))
+        return float(self._user_items.data[start + pos]) if pos < len(cols) and cols[pos] == item else 0.0
 
     def recommend(
         self,
@@ -188,6 +201,10 @@ class CFModel:
             order = restrict[np.argsort(-self.popularity[restrict], kind="stable")]
         head = order[: n + len(banned)]
         return head[~np.isin(head, banned)][:n]
+
+    def score_history_dense(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """CF scores of one history over every item (float64)."""
+        return score_history(self.bundle.similarity, items, weights)
 
     def score_users(self, history: sp.csr_matrix) -> np.ndarray:
         """Dense scores (users x items, float32) for a batch of histories, ranked as

@@ -54,8 +54,9 @@ def user_keys(user_id: str) -> tuple[str, str, str, str]:
 # KEYS[1]: the feedback stream. ARGV: now_ms, ttl_s, history_cap, dedup_window,
 # stream_maxlen, key prefix, then a JSON array of events, each
 # [event_id, user_id, item_id, type, value, weight, ts_ms, recommendation_id]
-# (all strings). Returns per event {1, new_weight} when applied, or
-# {0, current_weight} for a duplicate event id.
+# (all strings). Returns per event {1, new_weight, events} when applied, or
+# {0, current_weight, events} for a duplicate event id; ``events`` is the
+# user's applied-event count after it (the version of their state).
 # Per-user keys are built inside the script, so it needs a single Redis
 # (not Redis Cluster); one JSON argument keeps the client's packing cost per
 # event tiny, which is where the time went with one call per event.
@@ -71,7 +72,7 @@ for n, ev in ipairs(events) do
   local base = prefix .. 'user:' .. ev[2] .. ':'
   local hist, recent, seen, meta = base .. 'hist', base .. 'recent', base .. 'events', base .. 'meta'
   if redis.call('ZSCORE', seen, event_id) then
-    results[n] = {0, redis.call('HGET', hist, item) or '0'}
+    results[n] = {0, redis.call('HGET', hist, item) or '0', redis.call('HGET', meta, 'events') or '0'}
   else
     redis.call('ZADD', seen, now_ms, event_id)
     local n_seen = redis.call('ZCARD', seen)
@@ -84,9 +85,10 @@ for n, ev in ipairs(events) do
     if n_items > history_cap then
       local dropped = redis.call('ZPOPMIN', recent, n_items - history_cap)
       for i = 1, #dropped, 2 do redis.call('HDEL', hist, dropped[i]) end
+      redis.call('HDEL', meta, 'vec')  -- the cached vector no longer matches the history
     end
     redis.call('HSET', meta, 'updated_ms', now_ms)
-    redis.call('HINCRBY', meta, 'events', 1)
+    local events_now = redis.call('HINCRBY', meta, 'events', 1)
     redis.call('EXPIRE', hist, ttl)
     redis.call('EXPIRE', recent, ttl)
     redis.call('EXPIRE', seen, ttl)
@@ -98,10 +100,20 @@ for n, ev in ipairs(events) do
     else
       redis.call('XADD', stream, '*', unpack(fields))
     end
-    results[n] = {1, weight}
+    results[n] = {1, weight, events_now}
   end
 end
 return results
+"""
+
+# Stores a user's vector only if no event was applied since it was computed.
+# KEYS[1]: meta. ARGV: events (the count the vector reflects), blob, model version.
+PUT_VECTOR_LUA = """
+if tonumber(redis.call('HGET', KEYS[1], 'events') or '0') ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'vec_events', ARGV[1], 'vec_model', ARGV[3])
+return 1
 """
 
 # Events per script call: bounds how long one call blocks Redis (about 20 us
@@ -134,6 +146,24 @@ class StoredEvent:
 class ApplyResult:
     applied: bool  # False: a duplicate event id, nothing changed
     weight: float  # the item's feedback weight after the event
+    events: int  # the user's applied-event count after the event
+
+
+@dataclass
+class CachedVector:
+    """A user's cached generator state, valid if it reflects all their events."""
+
+    blob: bytes | None
+    vector_events: int
+    events: int
+    model: str
+
+    def fresh_for(self, model_version: str) -> bool:
+        return (
+            self.blob is not None
+            and self.vector_events == self.events
+            and self.model == model_version
+        )
 
 
 @dataclass
@@ -164,6 +194,7 @@ class UserStore:
         self.ttl_s = ttl_s
         self.stream_maxlen = stream_maxlen
         self._script_sha = hashlib.sha1(APPLY_EVENTS_LUA.encode()).hexdigest()
+        self._put_sha = hashlib.sha1(PUT_VECTOR_LUA.encode()).hexdigest()
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 0.5, **kwargs: int) -> UserStore:
@@ -182,26 +213,58 @@ class UserStore:
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
-    async def get_history(self, user_id: str, since_ms: int = 0) -> tuple[list[str], np.ndarray]:
-        """The user's feedback history: item ids and summed weights (one round trip).
+    async def get_history(
+        self, user_id: str, since_ms: int = 0, with_vector: bool = False
+    ) -> tuple[list[str], np.ndarray, CachedVector | None]:
+        """The user's feedback history: item ids and summed weights, and with
+        ``with_vector`` their cached generator vector, in one round trip.
 
         With ``since_ms``, only items with an event after that time: the model
         was trained on data up to then, so older feedback is already in it.
         """
-        hist, recent, _, _ = user_keys(user_id)
-        if since_ms <= 0:
-            raw = await self.client.hgetall(hist)
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hgetall(hist)
+        hist, recent, _, meta = user_keys(user_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(hist)
+            if since_ms > 0:
                 pipe.zrangebyscore(recent, f"({since_ms}", "+inf")
-                raw, newer = await pipe.execute()
-            raw = {item: raw[item] for item in newer if item in raw}
+            if with_vector:
+                pipe.hmget(meta, "vec", "vec_events", "events", "vec_model")
+            replies = await pipe.execute()
+        raw = replies[0]
+        if since_ms > 0:
+            raw = {item: raw[item] for item in replies[1] if item in raw}
+        cached = None
+        if with_vector:
+            blob, vec_events, events, model = replies[-1]
+            cached = CachedVector(blob, int(vec_events or -1), int(events or 0),
+                                  (model or b"").decode())  # fmt: skip
         if not raw:
-            return [], np.empty(0, dtype=np.float64)
+            return [], np.empty(0, dtype=np.float64), cached
         items = [k.decode() for k in raw]
         weights = np.fromiter((float(v) for v in raw.values()), dtype=np.float64, count=len(raw))
-        return items, weights
+        return items, weights, cached
+
+    async def get_vectors(self, user_ids: Sequence[str]) -> list[CachedVector]:
+        """Cached generator vectors of several users (one round trip)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for user in user_ids:
+                pipe.hmget(user_keys(user)[3], "vec", "vec_events", "events", "vec_model")
+            replies = await pipe.execute()
+        return [
+            CachedVector(blob, int(vec_events or -1), int(events or 0), (model or b"").decode())
+            for blob, vec_events, events, model in replies
+        ]
+
+    async def put_vector(self, user_id: str, events: int, blob: bytes, model: str) -> bool:
+        """Cache a vector computed from the state after ``events`` events; refused
+        (False) if more events arrived meanwhile."""
+        sha = self._put_sha
+        args = (1, user_keys(user_id)[3], events, blob, model)
+        try:
+            return bool(await self.client.evalsha(sha, *args))
+        except NoScriptError:
+            await self.client.script_load(PUT_VECTOR_LUA)
+            return bool(await self.client.evalsha(sha, *args))
 
     async def get_state(self, user_id: str) -> StoredState:
         hist, recent, _, meta = user_keys(user_id)
@@ -228,7 +291,7 @@ class UserStore:
         except NoScriptError:  # Redis restarted and lost its script cache
             await self.client.script_load(APPLY_EVENTS_LUA)
             replies = await self._run_apply(events, now_ms)
-        return [ApplyResult(bool(r[0]), float(r[1])) for r in replies]
+        return [ApplyResult(bool(r[0]), float(r[1]), int(r[2])) for r in replies]
 
     async def _run_apply(self, events: Sequence[StoredEvent], now_ms: int) -> list:
         settings = (now_ms, self.ttl_s, self.history_cap, self.dedup_window, self.stream_maxlen)

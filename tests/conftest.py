@@ -127,3 +127,34 @@ def make_server(model_dir: Path, redis_url: str):  # type: ignore[no-untyped-def
 @pytest.fixture
 def server(make_server) -> ServerThread:  # type: ignore[no-untyped-def]
     return make_server()
+
+
+def write_catalogue(path: Path) -> Path:
+    """Content for the clustered items: a* are category alpha, b* category beta."""
+    lines = []
+    for cluster, category, tags in (("a", "alpha", ("red", "round")), ("b", "beta", ("blue", "square"))):
+        for i in range(8):
+            tag = tags[i % 2]
+            lines.append(
+                f'{{"item_id": "{cluster}{i}", "category": "{category}", "tags": ["{tag}"], '
+                f'"title": "{category} {tag} thing"}}'
+            )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def generator_model_dir(tmp_path_factory: pytest.TempPathFactory, clustered_csv: Path) -> Path:
+    from recsvc.cli import main as recsvc_main
+
+    root = tmp_path_factory.mktemp("genmodel")
+    catalogue = write_catalogue(root / "catalogue.jsonl")
+    out = root / "bundle"
+    code = recsvc_main([
+        "train", "--interactions", str(clustered_csv), "--out", str(out), "--catalogue",
+        str(catalogue), "--generator", "--generator-epochs", "60", "--generator-hidden", "32",
+        "--generator-latent", "8", "--generator-batch-size", "8", "--generator-lr", "0.01",
+        "--neighbours", "20", "--quiet", "--threads", "1",
+    ])  # fmt: skip
+    assert code == 0
+    return out

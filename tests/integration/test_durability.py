@@ -151,17 +151,22 @@ def test_redis_killed_and_restarted_during_a_stream(make_server, tmp_path):
 def test_backpressure_slows_a_fast_client_and_drops_nothing(make_server, redis_url):
     # a slow Redis (not a dead one: the timeout outlasts the pause) means backpressure
     server = make_server(stream_buffer=50, stream_batch=25, redis_timeout_s=5)
-    events = [make_event(i) for i in range(30_000)]
+    events = [make_event(i) for i in range(60_000)]
+    for event in events:  # ~20 MB in all: more than gRPC's flow-control window can hold
+        event.recommendation_id = "r" * 250
     with redis.Redis.from_url(redis_url) as admin:
-        admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # Redis stops taking writes
+        admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # Redis stops taking writes
         streamer = Streamer(server.stub, events)
         streamer.start()
+        time.sleep(1.5)  # long enough to fill every buffer on the way
+        sent_early = streamer.sent
         time.sleep(1.0)
-        sent_while_paused = streamer.sent
+        sent_late = streamer.sent
         acked_while_paused = len(streamer.acked)
-    # the server stopped reading: gRPC flow control held the client back
+    # the server stopped reading: flow control holds the client where the buffers
+    # (the server's queue of stream_buffer events plus the HTTP/2 window) are full
     assert acked_while_paused == 0
-    assert sent_while_paused < len(events) / 2, sent_while_paused
+    assert sent_late == sent_early < len(events), (sent_early, sent_late)
     streamer.join(60)
     assert streamer.error is None
     assert sorted(streamer.acked) == sorted(e.event_id for e in events)

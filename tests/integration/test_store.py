@@ -109,5 +109,6 @@ def test_script_reloaded_after_redis_lost_it(redis_url):
 
 
 def test_history_of_unknown_user_is_empty(redis_url):
-    items, weights = run(lambda s: s.get_history("nobody"), redis_url)
+    items, weights, vector = run(lambda s: s.get_history("nobody", with_vector=True), redis_url)
     assert items == [] and len(weights) == 0
+    assert vector is not None and vector.blob is None and vector.events == 0

@@ -1,0 +1,1 @@
+"""generators: a generative recommender (Mult-VAE) for recsvc."""

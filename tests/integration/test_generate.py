@@ -1,0 +1,159 @@
+"""The generator served: Generate, strategies, the interactive loop, user vectors."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from helpers import wait_for
+
+from recsvc.engine import load_model
+from recsvc.store import UserStore
+from recsvc.v1 import recommender_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def gen_server(make_server, generator_model_dir):
+    return make_server(model=generator_model_dir)
+
+
+def generate(server, user="u1", n=3, **kwargs):
+    return server.stub.Generate(pb.GenerateRequest(user_id=user, n=n, **kwargs))
+
+
+def nearest_ids(response):
+    return [i.item_id for item in response.items for i in item.nearest_items]
+
+
+def test_generate_returns_content_nearest_items_and_why(gen_server):
+    response = generate(gen_server, "u1", n=3, seed=7, temperature=0.3)
+    assert len(response.items) == 3 and response.seed == 7 and response.generation_id
+    for item in response.items:
+        assert item.content and all(":" in a.name and 0 < a.weight <= 1 for a in item.content)
+        assert 1 <= len(item.nearest_items) <= 3
+        assert all(i.source == pb.SOURCE_GENERATOR for i in item.nearest_items)
+    seen = {h.item_id for h in gen_server.stub.GetUserState(
+        pb.GetUserStateRequest(user_id="u1")).history}  # fmt: skip
+    assert not seen & set(nearest_ids(response))
+    # u1 lives in cluster a: its generated content and items are alpha / a*
+    names = [a.name for item in response.items for a in item.content]
+    assert names.count("category:alpha") >= names.count("category:beta")
+    assert sum(i.startswith("a") for i in nearest_ids(response)) > len(nearest_ids(response)) / 2
+    why = [w for item in response.items for w in item.why_history_item_ids]
+    assert set(why) <= seen
+
+
+def test_same_seed_same_output_and_seeds_differ(gen_server):
+    first = generate(gen_server, "u2", n=4, seed=11, temperature=1.5)
+    again = generate(gen_server, "u2", n=4, seed=11, temperature=1.5)
+    assert first.items == again.items
+    others = [generate(gen_server, "u2", n=4, seed=s, temperature=1.5).items for s in range(12, 18)]
+    assert any(o != first.items for o in others)
+    assert generate(gen_server, "u2", n=2).seed != generate(gen_server, "u2", n=2).seed
+
+
+def test_topic_steers_generation(gen_server):
+    response = generate(gen_server, "u1", n=3, seed=3, topic="beta")
+    names = [a.name for item in response.items for a in item.content]
+    assert "category:beta" in names
+    assert sum(i.startswith("b") for i in nearest_ids(response)) > len(nearest_ids(response)) / 2
+    by_tag = generate(gen_server, "u1", n=2, seed=3, topic="tag:square")
+    assert "tag:square" in [a.name for item in by_tag.items for a in item.content]
+
+
+def test_feedback_steers_the_next_generation(gen_server):
+    """The interactive loop: dislikes of one topic and likes of another."""
+    def share_of_b(response):
+        ids = nearest_ids(response)
+        return sum(i.startswith("b") for i in ids) / len(ids)
+
+    # u3 has 4 unseen items in its own cluster a: 2 x 2 nearest items fit there
+    before = generate(gen_server, "u3", n=2, neighbours=2, seed=5, temperature=0.3)
+    events = [pb.FeedbackEvent(event_id=f"d{i}", user_id="u3", item_id=f"a{i}", type=pb.DISLIKE,
+                               recommendation_id=before.generation_id) for i in range(7)]
+    events += [pb.FeedbackEvent(event_id=f"l{i}", user_id="u3", item_id=f"b{i}", type=pb.PURCHASE)
+               for i in range(4)]  # fmt: skip
+    gen_server.stub.SendFeedback(pb.SendFeedbackRequest(events=events))
+    after = generate(gen_server, "u3", n=2, neighbours=2, seed=5, temperature=0.3)
+    assert share_of_b(before) < 0.5 < share_of_b(after)
+
+
+def test_recommend_strategies(gen_server, make_server, model_dir):
+    stub = gen_server.stub
+
+    def sources(strategy):
+        response = stub.Recommend(pb.RecommendRequest(user_id="u1", k=6, strategy=strategy))
+        assert len(response.items) == 6 and response.personalized
+        return {item.source for item in response.items}
+
+    assert sources(pb.STRATEGY_CF) <= {pb.SOURCE_CF, pb.SOURCE_POPULARITY}
+    assert sources(pb.STRATEGY_GENERATOR) == {pb.SOURCE_GENERATOR}
+    assert sources(pb.STRATEGY_BLEND) <= {pb.SOURCE_GENERATOR, pb.SOURCE_CF}
+    default = stub.Recommend(pb.RecommendRequest(user_id="u1", k=6))
+    blend = stub.Recommend(pb.RecommendRequest(user_id="u1", k=6, strategy=pb.STRATEGY_BLEND))
+    assert [i.item_id for i in default.items] == [i.item_id for i in blend.items]
+    all_cf = stub.Recommend(pb.RecommendRequest(user_id="u1", k=6, strategy=pb.STRATEGY_BLEND,
+                                                blend_weight=0.0))  # fmt: skip
+    assert {i.source for i in all_cf.items} == {pb.SOURCE_CF}
+    # a bundle without a generator: CF by default, and a clear error otherwise
+    plain = make_server(model=model_dir)
+    assert plain.stub.Recommend(pb.RecommendRequest(user_id="u1", k=3)).items
+    with pytest.raises(grpc.RpcError) as info:
+        plain.stub.Recommend(pb.RecommendRequest(user_id="u1", k=3, strategy=pb.STRATEGY_BLEND))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "--generator" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, message",
+    [
+        ({"n": 0}, "n must be between 1 and 100"),
+        ({"n": 101}, "got 101"),
+        ({"n": 2, "temperature": 0.0}, "temperature must be > 0"),
+        ({"n": 2, "temperature": -1.0}, "temperature must be > 0"),
+        ({"n": 2, "diversity": 2.0}, "diversity must be in [0, 1]"),
+        ({"n": 2, "topic": "gardening"}, "topics are the categories, tags and title words of the catalogue"),
+        ({"n": 2, "user_id": ""}, "user_id is empty"),
+    ],
+)  # fmt: skip
+def test_generate_bad_input(gen_server, request_kwargs, message):
+    request = {"user_id": "u1", **request_kwargs}
+    with pytest.raises(grpc.RpcError) as info:
+        gen_server.stub.Generate(pb.GenerateRequest(**request))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+    if "topic" in request_kwargs:
+        assert "catalogue.jsonl" in info.value.details()  # names where valid topics come from
+
+
+def test_incremental_vector_equals_full_reencode(gen_server, generator_model_dir, redis_url):
+    stub = gen_server.stub
+    generate(gen_server, "vec-user", n=1)  # cold user: caches the (empty) state
+    events = [
+        pb.FeedbackEvent(event_id=f"v{i}", user_id="vec-user", item_id=item, type=kind)
+        for i, (item, kind) in enumerate([("a1", pb.PURCHASE), ("a2", pb.CLICK), ("a1", pb.VIEW),
+                                          ("b3", pb.DISLIKE), ("a2", pb.DISLIKE), ("zz", pb.VIEW)])
+    ]  # fmt: skip
+    stub.SendFeedback(pb.SendFeedbackRequest(events=events[:3]))
+    stub.SendFeedback(pb.SendFeedbackRequest(events=events[3:]))
+    model = load_model(generator_model_dir)
+
+    async def cached():
+        store = UserStore.from_url(redis_url)
+        try:
+            return (await store.get_vectors(["vec-user"]))[0]
+        finally:
+            await store.close()
+
+    assert wait_for(lambda: asyncio.run(cached()).vector_events == 6)
+    vector = asyncio.run(cached())
+    assert vector.fresh_for(model.generator.version)
+    incremental = model.generator.latent(model.generator.state_from_bytes(vector.blob))
+    items = model.items.indices(["a1", "a2", "b3"])
+    weights = np.array([8.0 + 1.0, 2.0 - 4.0, -4.0])
+    _, full = model.generator.encode(items, weights)
+    np.testing.assert_allclose(incremental, full, atol=1e-5)
+    state = stub.GetUserState(pb.GetUserStateRequest(user_id="vec-user"))
+    np.testing.assert_allclose(state.vector, full, atol=1e-5)
