@@ -53,9 +53,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         item_attributes, attributes = build_item_attributes(items, attributes_of)
         log.info("catalogue: %d content attributes over %d items", len(attributes),
                  int((item_attributes.getnnz(axis=1) > 0).sum()))  # fmt: skip
-    generator, generator_params = None, None
+    generator, generator_params, blend_weight = None, None, None
     if args.generator:
-        generator, generator_params = _train_generator(args, user_items, item_attributes, show)
+        generator, generator_params, blend_weight = _train_generator(
+            args, user_items, item_attributes, show
+        )
     bundle = CFBundle(
         users=users,
         items=items,
@@ -72,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "fit_seconds": round(fit_s, 3),
             "catalogue": str(args.catalogue) if args.catalogue else None,
             "generator": generator_params,
+            **({"blend_weight": blend_weight} if blend_weight is not None else {}),
         },
         attributes=attributes,
         item_attributes=item_attributes,
@@ -123,7 +126,38 @@ def _train_generator(args, user_items, item_attributes, show):  # type: ignore[n
         **{k: v for k, v in history.items() if isinstance(v, int | float | str)},
     }
     log.info("generator trained: %s", json.dumps(params))
-    return model, params
+    blend_weight, grid = _tune_blend(model, fit_part, valid, item_attributes, args)
+    params["blend_validation"] = grid
+    log.info("blend weight %.2f chosen on validation: %s", blend_weight, json.dumps(grid))
+    return model, params, blend_weight
+
+
+def _tune_blend(vae, fit_part, valid, item_attributes, args):  # type: ignore[no-untyped-def]
+    """The generator weight of the blend that maximises validation NDCG@20, with CF
+    fitted on the same training part (validation items stay unseen by both)."""
+    from generators.vae import GeneratorRuntime
+    from recsvc.engine import blend_scores
+    from recsvc.evaluate import ranking_metrics
+    from recsvc.generate import GeneratorModel
+    from recsvc.similarity import fit_cosine
+
+    generator = GeneratorModel(GeneratorRuntime.from_model(vae), None, None)
+    similarity = fit_cosine(fit_part, args.neighbours, args.threads)
+    users = np.flatnonzero([len(v) > 0 for v in valid])
+    rng = np.random.default_rng(args.seed)
+    sample = np.sort(rng.choice(users, size=min(len(users), 4000), replace=False))
+    valid_sample = [valid[u] if u in set(sample.tolist()) else np.empty(0, np.int64)
+                    for u in range(fit_part.shape[0])]  # fmt: skip
+    grid = {}
+    for weight in np.round(np.linspace(0, 1, 11), 2).tolist():
+        def scores(batch, weight=weight):  # type: ignore[no-untyped-def]
+            history = fit_part[batch]
+            logits = generator.batch_item_scores(history)
+            cf = (history @ similarity).toarray() if weight < 1 else None
+            return blend_scores(logits, cf, weight)[0].astype(np.float32)
+
+        grid[weight] = round(ranking_metrics(scores, fit_part, valid_sample, k=20)["ndcg"], 5)
+    return max(grid, key=grid.get), grid
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -176,14 +210,32 @@ def cmd_export_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
+def strategy_scores(model, strategy: str, generator_weight: float):  # type: ignore[no-untyped-def]
+    """A batch scoring function (user indices -> users x items) for eval, ranking
+    as the served strategy does."""
+    from recsvc.engine import blend_scores
+
+    train = model.bundle.user_items
+    if strategy == "cf":
+        return lambda users: model.score_users(train[users])
+    similarity = model.bundle.similarity
+
+    def scores(users: np.ndarray) -> np.ndarray:
+        history = train[users]
+        logits = model.generator.batch_item_scores(history)
+        cf = (history @ similarity).toarray() if generator_weight < 1 else None
+        return blend_scores(logits, cf, generator_weight)[0].astype(np.float32)
+
+    return scores
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from recsvc.bundle import load_bundle
     from recsvc.data import read_interactions
+    from recsvc.engine import load_model
     from recsvc.evaluate import ranking_metrics
-    from recsvc.similarity import CFModel
 
     started = time.perf_counter()
-    model = CFModel(load_bundle(args.model))
+    model = load_model(args.model)
     test = read_interactions(args.test)
     users = model.users.indices(test.user_ids)
     items = model.items.indices(test.item_ids)
@@ -192,15 +244,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for user, item in zip(users[known].tolist(), items[known].tolist()):
         test_items[user].append(item)
     train = model.bundle.user_items
+    strategy = args.strategy or ("blend" if model.generator is not None else "cf")
+    if strategy != "cf" and model.generator is None:
+        raise ValueError(f"strategy {strategy} needs a bundle trained with --generator")
+    weight = 1.0 if strategy == "generator" else (
+        args.blend_weight if args.blend_weight is not None
+        else float(model.params.get("blend_weight", 0.5))
+    )  # fmt: skip
     metrics = ranking_metrics(
-        lambda batch: model.score_users(train[batch]),
+        strategy_scores(model, strategy, weight),
         train,
         [np.unique(np.array(t, dtype=np.int64)) for t in test_items],
         k=args.k,
     )
     result = {
         "model_version": model.model_version,
-        "strategy": "cf",
+        "strategy": strategy,
+        **({"blend_weight": weight} if strategy == "blend" else {}),
         "k": args.k,
         f"recall@{args.k}": round(metrics["recall"], 4),
         f"ndcg@{args.k}": round(metrics["ndcg"], 4),
@@ -260,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test", required=True, type=Path,
                           help="test interactions (same formats as train)")
     evaluate.add_argument("--k", type=int, default=20)
+    evaluate.add_argument("--strategy", choices=["cf", "generator", "blend"],
+                          help="default: blend with a generator, else cf")
+    evaluate.add_argument("--blend-weight", type=float,
+                          help="generator weight in blend (default: the bundle's tuned one)")
     evaluate.set_defaults(func=cmd_eval)
 
     export = sub.add_parser(

@@ -100,6 +100,19 @@ class GeneratorModel:
     ) -> EncoderState:
         return self.runtime.update_state(state, item, old_weight, new_weight)
 
+    def batch_item_scores(self, history: sp.csr_matrix) -> np.ndarray:
+        """Logits (users x items, float32) for a batch of histories, exactly as
+        :meth:`encode` then :meth:`item_scores` compute them one user at a time."""
+        rt = self.runtime
+        x = sp.csr_matrix(history, dtype=np.float64, copy=True)
+        x.data = np.clip(x.data, 0.0, rt.input_cap if rt.input_cap is not None else np.inf)
+        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+        pre = np.asarray(x @ rt.W1T.astype(np.float64))
+        has = norms > 0
+        pre[has] /= np.maximum(norms[has], 1e-12)[:, None]
+        mu = np.tanh(pre + rt.b1) @ rt.W2_mu.T.astype(np.float64) + rt.b2_mu
+        return self.item_scores(mu.astype(np.float32))
+
     def item_scores(self, mu: np.ndarray) -> np.ndarray:
         """Logits over the whole catalogue (float32)."""
         h = self.runtime.decoder_hidden(mu)

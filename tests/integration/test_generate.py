@@ -157,3 +157,29 @@ def test_incremental_vector_equals_full_reencode(gen_server, generator_model_dir
     np.testing.assert_allclose(incremental, full, atol=1e-5)
     state = stub.GetUserState(pb.GetUserStateRequest(user_id="vec-user"))
     np.testing.assert_allclose(state.vector, full, atol=1e-5)
+
+
+def test_batch_scores_match_serving_and_eval_strategies(generator_model_dir, tmp_path, capsys):
+    import json
+
+    from recsvc.cli import main as recsvc_main
+
+    model = load_model(generator_model_dir)
+    history = model.bundle.user_items
+    batch = model.generator.batch_item_scores(history[:5])
+    for user in range(5):
+        row = history[user]
+        _, mu = model.generator.encode(row.indices.astype(np.int64), row.data)
+        np.testing.assert_allclose(batch[user], model.generator.item_scores(mu), atol=1e-4)
+    assert 0 <= model.params["blend_weight"] <= 1
+    assert set(model.params["generator"]["blend_validation"]) == {str(w / 10) for w in range(11)}
+
+    test = tmp_path / "test.csv"
+    test.write_text("user_id,item_id\n" + "".join(f"u{u},a7\n" for u in range(20)))
+    results = {}
+    for strategy in ("cf", "generator", "blend"):
+        assert recsvc_main(["eval", "--model", str(generator_model_dir), "--test", str(test),
+                            "--strategy", strategy, "--k", "5"]) == 0  # fmt: skip
+        results[strategy] = json.loads(capsys.readouterr().out)
+    assert all(r["users"] == 20 and 0 <= r["recall@5"] <= 1 for r in results.values())
+    assert results["blend"]["blend_weight"] == model.params["blend_weight"]
