@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import timeit
 
 
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latent", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    ap.add_argument(
+        "--timer",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time.process_time (robust to other processes on a shared machine)",
+    )
     args = ap.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -86,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     print(
         f"model: {args.items} items, hidden {args.hidden}, latent {args.latent}; "
-        f"threads {args.threads}; python {sys.version.split()[0]}, numpy {np.__version__}"
+        f"threads {args.threads}; timer {args.timer}; "
+        f"python {sys.version.split()[0]}, numpy {np.__version__}"
     )
     for name, (fn, number) in cases.items():
         fn()  # warm up
-        times = [t / number for t in timeit.repeat(fn, number=number, repeat=args.repeat)]
+        timer = time.process_time if args.timer == "cpu" else time.perf_counter
+        runs = timeit.repeat(fn, number=number, repeat=args.repeat, timer=timer)
+        times = [t / number for t in runs]
         best, med = min(times), statistics.median(times)
         summary[name] = {"best_us": best * 1e6, "median_us": med * 1e6}
         print(f"{name:45s} best {best * 1e6:10.1f} us   median {med * 1e6:10.1f} us")

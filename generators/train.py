@@ -98,6 +98,7 @@ def topk_items(
     model.eval()
     exclude_csr = input_csr if exclude_csr is None else exclude_csr
     k = min(k, model.n_items)  # a catalogue smaller than the cut-off
+    k = min(int(k), model.n_items)
     out = np.empty((len(users), k), dtype=np.int64)
     try:
         for s in range(0, len(users), batch_size):

@@ -101,9 +101,7 @@ def save_bundle(bundle: CFBundle, out_dir: str | os.PathLike[str], overwrite: bo
             from generators.io import save_generator
 
             save_generator(bundle.generator, tmp / "generator")
-        files = {
-            str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         created = datetime.now(UTC)
         content_hash = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:8]
         bundle.created = created.isoformat(timespec="seconds")

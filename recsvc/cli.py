@@ -150,6 +150,7 @@ def _tune_blend(vae, fit_part, valid, item_attributes, args):  # type: ignore[no
                     for u in range(fit_part.shape[0])]  # fmt: skip
     grid = {}
     for weight in np.round(np.linspace(0, 1, 11), 2).tolist():
+
         def scores(batch, weight=weight):  # type: ignore[no-untyped-def]
             history = fit_part[batch]
             logits = generator.batch_item_scores(history)
@@ -241,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     items = model.items.indices(test.item_ids)
     known = (users >= 0) & (items >= 0)
     test_items: list[list[int]] = [[] for _ in range(len(model.users))]
-    for user, item in zip(users[known].tolist(), items[known].tolist()):
+    for user, item in zip(users[known].tolist(), items[known].tolist(), strict=True):
         test_items[user].append(item)
     train = model.bundle.user_items
     strategy = args.strategy or ("blend" if model.generator is not None else "cf")
@@ -277,26 +278,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fit a model bundle from an interaction log")
-    train.add_argument("--interactions", required=True, type=Path, action="append",
-                       help="CSV/TSV with a user_id,item_id header, or 'user item item ...' "
-                            "lines; repeat to add feedback exports")
+    train.add_argument(
+        "--interactions",
+        required=True,
+        type=Path,
+        action="append",
+        help="CSV/TSV with a user_id,item_id header, or 'user item item ...' "
+        "lines; repeat to add feedback exports",
+    )
     train.add_argument("--out", required=True, type=Path, help="model bundle directory to write")
     train.add_argument("--neighbours", type=int, default=200, help="similar items kept per item")
     train.add_argument("--event-weights", help="e.g. 'view=1,click=2,purchase=8' (or JSON)")
     train.add_argument("--threads", type=int, default=0, help="fit threads (0: all cores)")
-    train.add_argument("--catalogue", type=Path,
-                       help="item content (JSONL or CSV: item_id, category, tags, title)")
-    train.add_argument("--generator", action="store_true",
-                       help="also train the generative model (Mult-VAE)")
+    train.add_argument(
+        "--catalogue", type=Path, help="item content (JSONL or CSV: item_id, category, tags, title)"
+    )
+    train.add_argument(
+        "--generator", action="store_true", help="also train the generative model (Mult-VAE)"
+    )
     train.add_argument("--generator-epochs", type=int, default=30)
-    train.add_argument("--generator-minutes", type=float, default=12.0,
-                       help="stop generator training after this long (0: no limit)")
+    train.add_argument(
+        "--generator-minutes",
+        type=float,
+        default=12.0,
+        help="stop generator training after this long (0: no limit)",
+    )
     train.add_argument("--generator-hidden", type=int, default=600)
     train.add_argument("--generator-latent", type=int, default=200)
     train.add_argument("--generator-batch-size", type=int, default=500)
     train.add_argument("--generator-lr", type=float, default=1e-3)
-    train.add_argument("--generator-valid-fraction", type=float, default=0.1,
-                       help="share of each user's items held out for early stopping")
+    train.add_argument(
+        "--generator-valid-fraction",
+        type=float,
+        default=0.1,
+        help="share of each user's items held out for early stopping",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--force", action="store_true", help="replace an existing bundle")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -307,23 +323,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port, 0 for any free one [RECSVC_PORT=50051]")
     serve.add_argument("--host", help="listen address [RECSVC_HOST=[::]]")
     serve.add_argument("--redis-url", help="Redis URL; unset: embedded Redis [RECSVC_REDIS_URL]")
-    serve.add_argument("--data-dir", type=Path,
-                       help="embedded Redis data directory [RECSVC_DATA_DIR=recsvc-data]")
-    serve.add_argument("--workers", type=int,
-                       help="serving processes sharing the port (SO_REUSEPORT) [RECSVC_WORKERS=1]")
+    serve.add_argument(
+        "--data-dir", type=Path, help="embedded Redis data directory [RECSVC_DATA_DIR=recsvc-data]"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="serving processes sharing the port (SO_REUSEPORT) [RECSVC_WORKERS=1]",
+    )
     serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser(
         "eval", help="full-ranking Recall@k / NDCG@k of a bundle on a test log"
     )
     evaluate.add_argument("--model", required=True, type=Path, help="model bundle directory")
-    evaluate.add_argument("--test", required=True, type=Path,
-                          help="test interactions (same formats as train)")
+    evaluate.add_argument(
+        "--test", required=True, type=Path, help="test interactions (same formats as train)"
+    )
     evaluate.add_argument("--k", type=int, default=20)
-    evaluate.add_argument("--strategy", choices=["cf", "generator", "blend"],
-                          help="default: blend with a generator, else cf")
-    evaluate.add_argument("--blend-weight", type=float,
-                          help="generator weight in blend (default: the bundle's tuned one)")
+    evaluate.add_argument(
+        "--strategy",
+        choices=["cf", "generator", "blend"],
+        help="default: blend with a generator, else cf",
+    )
+    evaluate.add_argument(
+        "--blend-weight",
+        type=float,
+        help="generator weight in blend (default: the bundle's tuned one)",
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     export = sub.add_parser(
@@ -332,8 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="CSV file to write")
     export.add_argument("--redis-url", help="Redis URL; unset: the embedded Redis of --data-dir")
     export.add_argument("--data-dir", type=Path, help="embedded Redis data directory")
-    export.add_argument("--no-trim", action="store_true",
-                        help="keep exported entries in the stream (default: trim them)")
+    export.add_argument(
+        "--no-trim",
+        action="store_true",
+        help="keep exported entries in the stream (default: trim them)",
+    )
     export.set_defaults(func=cmd_export_feedback)
     return parser
 

@@ -137,9 +137,12 @@ def parse_timestamp_ms(text: str) -> int:
 
 def _progress_lines(path: Path, desc: str, show: bool) -> Iterator[str]:
     size = os.path.getsize(path)
-    with open(path, encoding="utf-8", newline="") as f, tqdm(
-        total=size, unit="B", unit_scale=True, desc=desc, disable=not show, leave=False
-    ) as bar:
+    with (
+        open(path, encoding="utf-8", newline="") as f,
+        tqdm(
+            total=size, unit="B", unit_scale=True, desc=desc, disable=not show, leave=False
+        ) as bar,
+    ):
         for line in f:
             bar.update(len(line))
             yield line

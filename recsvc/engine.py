@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from redis.exceptions import RedisError
 
+from recsvc.bundle import load_bundle
 from recsvc.config import Settings
 from recsvc.errors import InvalidArgument, NotFound, Unavailable
 from recsvc.feedback import FeedbackEvent, describe_problems, to_stored
-from recsvc.bundle import load_bundle
 from recsvc.similarity import CFModel
 from recsvc.store import ApplyResult, CachedVector, StoredEvent, UserStore
 
@@ -54,7 +54,9 @@ def blend_scores(
         return generator_part, np.ones(generator_part.shape, dtype=bool)
     cf = np.maximum(cf_scores.astype(np.float64), 0)
     totals = cf.sum(axis=1, keepdims=True)
-    cf_part = (1 - generator_weight) * np.divide(cf, totals, out=np.zeros_like(cf), where=totals > 0)
+    cf_part = (1 - generator_weight) * np.divide(
+        cf, totals, out=np.zeros_like(cf), where=totals > 0
+    )
     return generator_part + cf_part, generator_part > cf_part
 
 
@@ -231,8 +233,10 @@ class Engine:
         return mu
 
     def _strategy(self, model: CFModel, strategy: str) -> str:
-        strategy = strategy or self.settings.default_strategy or (
-            STRATEGY_BLEND if model.generator is not None else STRATEGY_CF
+        strategy = (
+            strategy
+            or self.settings.default_strategy
+            or (STRATEGY_BLEND if model.generator is not None else STRATEGY_CF)
         )
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -434,7 +438,9 @@ class Engine:
                 f"user state store unavailable ({self.store_error}); retry shortly"
             ) from exc
         train_items, train_weights = model.training_history(user_id)
-        weights = dict(zip((model.items.ids[i] for i in train_items), train_weights.tolist()))
+        weights = dict(
+            zip((model.items.ids[i] for i in train_items), train_weights.tolist(), strict=True)
+        )
         for item, w in stored.weights.items():
             if stored.last_event_ms.get(item, 0) > model.data_until_ms:  # else in training
                 weights[item] = weights.get(item, 0.0) + w
@@ -506,7 +512,7 @@ class Engine:
         generator = model.generator
         assert generator is not None
         per_user: dict[str, list[tuple[int, float, float, int]]] = {}
-        for event, result in zip(events, results):
+        for event, result in zip(events, results, strict=True):
             if result.applied:
                 per_user.setdefault(event.user_id, []).append(
                     (model.items.get(event.item_id), event.weight, result.weight, result.events)
@@ -514,10 +520,12 @@ class Engine:
         users = list(per_user)
         try:
             cached = await self.store.get_vectors(users)
-            for user, vector in zip(users, cached):
+            for user, vector in zip(users, cached, strict=True):
                 updates = per_user[user]
                 first = updates[0][3] - 1
-                consecutive = [u[3] for u in updates] == list(range(first + 1, first + 1 + len(updates)))
+                consecutive = [u[3] for u in updates] == list(
+                    range(first + 1, first + 1 + len(updates))
+                )
                 if not (vector.blob and vector.model == generator.version
                         and vector.vector_events == first and consecutive):  # fmt: skip
                     continue  # missing or behind: the next read re-encodes from the history
@@ -526,8 +534,13 @@ class Engine:
                     if item >= 0:
                         trained = model.training_weight(user, item)
                         state = generator.update(
-                            state, item, trained + feedback_weight - delta, trained + feedback_weight
+                            state,
+                            item,
+                            trained + feedback_weight - delta,
+                            trained + feedback_weight,
                         )
-                await self.store.put_vector(user, updates[-1][3], state.to_bytes(), generator.version)
+                await self.store.put_vector(
+                    user, updates[-1][3], state.to_bytes(), generator.version
+                )
         except (RedisError, OSError) as exc:
             log.info("user vectors not updated (%s); they are re-encoded on the next read", exc)

@@ -225,8 +225,8 @@ class GeneratorModel:
             else:
                 why_items = np.empty(0, dtype=np.int64)
             results.append(Generated(
-                content=list(zip(picked.tolist(), np.asarray(probs, dtype=float).tolist())),
-                nearest=list(zip(top.tolist(), ranked[top].tolist())),
+                content=list(zip(picked.tolist(), np.asarray(probs, dtype=float).tolist(), strict=True)),
+                nearest=list(zip(top.tolist(), ranked[top].tolist(), strict=True)),
                 why_attributes=why_attrs.tolist(),
                 why_items=why_items.tolist(),
             ))  # fmt: skip
@@ -240,13 +240,17 @@ class GeneratorModel:
             diversity=diversity, return_scores=True,
         )  # fmt: skip
         results = []
-        for item, logit in zip(picked.tolist(), np.asarray(logits, dtype=float).tolist()):
+        for item, logit in zip(
+            picked.tolist(), np.asarray(logits, dtype=float).tolist(), strict=True
+        ):
             start, end = similarity.indptr[item], similarity.indptr[item + 1]
             cols, values = similarity.indices[start:end], similarity.data[start:end]
             keep = ~np.isin(cols, banned)
             cols, values = cols[keep], values[keep]
             order = np.argsort(-values, kind="stable")[: neighbours - 1]
-            nearest = [(item, logit)] + list(zip(cols[order].tolist(), values[order].tolist()))
+            nearest = [(item, logit)] + list(
+                zip(cols[order].tolist(), values[order].tolist(), strict=True)
+            )
             in_history = np.isin(cols, history) if len(history) else np.zeros(0, dtype=bool)
             why = cols[in_history][np.argsort(-values[in_history], kind="stable")][:3]
             results.append(Generated([], nearest, [], why.tolist()))

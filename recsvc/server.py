@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import grpc
-from threadpoolctl import threadpool_limits
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
 from recsvc.bundle import BundleError, read_manifest
 from recsvc.config import Settings, redact_url
@@ -76,9 +76,7 @@ class RecsvcServer:
             time.perf_counter() - started,
         )  # fmt: skip
         if not settings.redis_url:
-            self.embedded_redis = await asyncio.to_thread(
-                EmbeddedRedis(settings.data_dir).start
-            )
+            self.embedded_redis = await asyncio.to_thread(EmbeddedRedis(settings.data_dir).start)
         log.info("redis: %s", redact_url(self.redis_url))
         store = UserStore.from_url(
             self.redis_url,

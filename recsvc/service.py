@@ -25,8 +25,7 @@ from recsvc.engine import (
     STRATEGY_GENERATOR,
     Engine,
 )
-from recsvc.errors import InvalidArgument
-from recsvc.errors import RecsvcError, Unavailable
+from recsvc.errors import InvalidArgument, RecsvcError, Unavailable
 from recsvc.feedback import FeedbackEvent, event_problems
 from recsvc.similarity import CFModel
 from recsvc.v1 import recommender_pb2 as pb
@@ -124,7 +123,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return pb.RecommendResponse(
             items=[
                 pb.ScoredItem(item_id=i, score=s, source=SOURCES[src])
-                for i, s, src in zip(rec.item_ids, rec.scores.tolist(), rec.sources)
+                for i, s, src in zip(rec.item_ids, rec.scores.tolist(), rec.sources, strict=True)
             ],
             recommendation_id=rec.recommendation_id,
             model_version=rec.model_version,
@@ -173,7 +172,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return pb.SimilarItemsResponse(
             items=[
                 pb.ScoredItem(item_id=i, score=s, source=pb.SOURCE_CF)
-                for i, s in zip(ids, scores.tolist())
+                for i, s in zip(ids, scores.tolist(), strict=True)
             ],
             model_version=version,
         )
@@ -239,7 +238,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             else:
                 valid.append(event)
         results = await self.engine.apply_feedback(valid) if valid else []
-        for event, result in zip(valid, results):
+        for event, result in zip(valid, results, strict=True):
             ack.event_ids.append(event.event_id)
             if not result.applied:
                 ack.duplicate_event_ids.append(event.event_id)

@@ -80,9 +80,7 @@ def gather_rows(
     return matrix.indices[positions], values
 
 
-def score_history(
-    similarity: sp.csr_matrix, items: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
+def score_history(similarity: sp.csr_matrix, items: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Dense scores over all items (float64) for one history: ``weights @ S[items]``."""
     cols, values = gather_rows(similarity, items, weights.astype(np.float64))
     return np.bincount(cols, weights=values, minlength=similarity.shape[1])
@@ -144,7 +142,11 @@ class CFModel:
         start, end = self._user_items.indptr[row], self._user_items.indptr[row + 1]
         cols = self._user_items.indices[start:end]
         pos = int(np.searchsorted(cols, item))
-        return float(self._user_items.data[start + pos]) if pos < len(cols) and cols[pos] == item else 0.0
+        return (
+            float(self._user_items.data[start + pos])
+            if pos < len(cols) and cols[pos] == item
+            else 0.0
+        )
 
     def recommend(
         self,

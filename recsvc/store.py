@@ -356,8 +356,14 @@ def export_feedback(
     os.replace(tmp, out)
     for start in range(0, len(entry_ids), batch):
         client.xack(FEEDBACK_STREAM, TRAINER_GROUP, *entry_ids[start : start + batch])
-    last = max(entry_ids, key=lambda e: tuple(map(int, e.split(b"-")))).decode() if entry_ids else None
-    if trim and last is not None and client.xpending(FEEDBACK_STREAM, TRAINER_GROUP)["pending"] == 0:
+    last = (
+        max(entry_ids, key=lambda e: tuple(map(int, e.split(b"-")))).decode() if entry_ids else None
+    )
+    if (
+        trim
+        and last is not None
+        and client.xpending(FEEDBACK_STREAM, TRAINER_GROUP)["pending"] == 0
+    ):
         client.xtrim(FEEDBACK_STREAM, minid=_next_stream_id(last), approximate=False)
     return len(entry_ids), last
 
@@ -444,7 +450,14 @@ class EmbeddedRedis:
             listen = ["--port", str(self.port), "--bind", "127.0.0.1"]
         else:
             self.socket_path.unlink(missing_ok=True)
-            listen = ["--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+            listen = [
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket_path),
+                "--unixsocketperm",
+                "700",
+            ]
         args = [
             redis_server_binary(),
             *listen,

@@ -112,8 +112,14 @@ def make_server(model_dir: Path, redis_url: str):  # type: ignore[no-untyped-def
 
     def make(**overrides: object) -> ServerThread:
         settings = Settings(
-            **{"model": model_dir, "port": 0, "host": "127.0.0.1", "redis_url": redis_url,
-               "health_interval_s": 0.1, **overrides}  # fmt: skip
+            **{
+                "model": model_dir,
+                "port": 0,
+                "host": "127.0.0.1",
+                "redis_url": redis_url,
+                "health_interval_s": 0.1,
+                **overrides,
+            }  # fmt: skip
         )
         server = ServerThread(settings).start()
         started.append(server)
@@ -132,7 +138,10 @@ def server(make_server) -> ServerThread:  # type: ignore[no-untyped-def]
 def write_catalogue(path: Path) -> Path:
     """Content for the clustered items: a* are category alpha, b* category beta."""
     lines = []
-    for cluster, category, tags in (("a", "alpha", ("red", "round")), ("b", "beta", ("blue", "square"))):
+    for cluster, category, tags in (
+        ("a", "alpha", ("red", "round")),
+        ("b", "beta", ("blue", "square")),
+    ):
         for i in range(8):
             tag = tags[i % 2]
             lines.append(

@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-from helpers import alive, redis_pid, start_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import alive, redis_pid, start_serving
 
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -39,8 +39,13 @@ def test_train_then_serve_then_sigterm(tmp_path, clustered_csv):
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.RecommenderStub(channel)
-        ack = stub.SendFeedback(pb.SendFeedbackRequest(events=[
-            pb.FeedbackEvent(event_id="cli-1", user_id="u1", item_id="b1", type=pb.PURCHASE)]))
+        ack = stub.SendFeedback(
+            pb.SendFeedbackRequest(
+                events=[
+                    pb.FeedbackEvent(event_id="cli-1", user_id="u1", item_id="b1", type=pb.PURCHASE)
+                ]
+            )
+        )
         assert ack.accepted == 1
         redis = redis_pid(data_dir)
         channel.close()
@@ -57,8 +62,13 @@ def test_killed_server_leaves_no_redis_and_restarts_with_its_data(tmp_path, mode
     proc, port = start_serving(model_dir, data_dir, tmp_path / "a.log")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.RecommenderStub(channel)
-        stub.SendFeedback(pb.SendFeedbackRequest(events=[
-            pb.FeedbackEvent(event_id="k-1", user_id="zed", item_id="b1", type=pb.PURCHASE)]))
+        stub.SendFeedback(
+            pb.SendFeedbackRequest(
+                events=[
+                    pb.FeedbackEvent(event_id="k-1", user_id="zed", item_id="b1", type=pb.PURCHASE)
+                ]
+            )
+        )
     redis = redis_pid(data_dir)
     proc.kill()
     proc.wait()
@@ -71,7 +81,8 @@ def test_killed_server_leaves_no_redis_and_restarts_with_its_data(tmp_path, mode
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             state = pb_grpc.RecommenderStub(channel).GetUserState(
-                pb.GetUserStateRequest(user_id="zed"))
+                pb.GetUserStateRequest(user_id="zed")
+            )
         assert [e.item_id for e in state.history] == ["b1"] and state.event_count == 1
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -86,17 +97,28 @@ def test_several_workers_share_the_port_and_the_redis(tmp_path, model_dir):
         from helpers import wait_for
 
         assert wait_for(lambda: log.read_text().count("serving on port") == 2, timeout_s=30)
-        worker_pids = [int(line.split("pid=")[1].split()[0])
-                       for line in log.read_text().splitlines() if "serving on port" in line]
+        worker_pids = [
+            int(line.split("pid=")[1].split()[0])
+            for line in log.read_text().splitlines()
+            if "serving on port" in line
+        ]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            pb_grpc.RecommenderStub(channel).SendFeedback(pb.SendFeedbackRequest(events=[
-                pb.FeedbackEvent(event_id="w-1", user_id="wuser", item_id="b1", type=pb.PURCHASE)]))
+            pb_grpc.RecommenderStub(channel).SendFeedback(
+                pb.SendFeedbackRequest(
+                    events=[
+                        pb.FeedbackEvent(
+                            event_id="w-1", user_id="wuser", item_id="b1", type=pb.PURCHASE
+                        )
+                    ]
+                )
+            )
         # new connections land on either worker: every one sees the same state
         for _ in range(6):
             options = [("grpc.use_local_subchannel_pool", 1)]
             with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
                 rec = pb_grpc.RecommenderStub(channel).Recommend(
-                    pb.RecommendRequest(user_id="wuser", k=3))
+                    pb.RecommendRequest(user_id="wuser", k=3)
+                )
                 assert rec.personalized and "b1" not in [i.item_id for i in rec.items]
         redis = redis_pid(data_dir)
     finally:

@@ -59,17 +59,14 @@ def logged_event_ids(url):
 def total_event_count(url):
     with redis.Redis.from_url(url) as client:
         return sum(
-            int(client.hget(f"recsvc:v1:user:user-{u}:meta", "events") or 0)
-            for u in range(N_USERS)
+            int(client.hget(f"recsvc:v1:user:user-{u}:meta", "events") or 0) for u in range(N_USERS)
         )
 
 
 def history_weight_sum(url):
     with redis.Redis.from_url(url) as client:
         return sum(
-            float(w)
-            for u in range(N_USERS)
-            for w in client.hvals(f"recsvc:v1:user:user-{u}:hist")
+            float(w) for u in range(N_USERS) for w in client.hvals(f"recsvc:v1:user:user-{u}:hist")
         )
 
 
@@ -135,6 +132,7 @@ def test_redis_killed_and_restarted_during_a_stream(make_server, tmp_path):
         own_redis.start()
         logged = logged_event_ids(own_redis.url)
         assert acked <= set(logged) and len(logged) == len(set(logged))
+
         # the service recovers by itself: the client's retry goes through
         def retry_succeeds():
             resend = Streamer(server.stub, events)

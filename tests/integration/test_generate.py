@@ -65,14 +65,23 @@ def test_topic_steers_generation(gen_server):
 
 def test_feedback_steers_the_next_generation(gen_server):
     """The interactive loop: dislikes of one topic and likes of another."""
+
     def share_of_b(response):
         ids = nearest_ids(response)
         return sum(i.startswith("b") for i in ids) / len(ids)
 
     # u3 has 4 unseen items in its own cluster a: 2 x 2 nearest items fit there
     before = generate(gen_server, "u3", n=2, neighbours=2, seed=5, temperature=0.3)
-    events = [pb.FeedbackEvent(event_id=f"d{i}", user_id="u3", item_id=f"a{i}", type=pb.DISLIKE,
-                               recommendation_id=before.generation_id) for i in range(7)]
+    events = [
+        pb.FeedbackEvent(
+            event_id=f"d{i}",
+            user_id="u3",
+            item_id=f"a{i}",
+            type=pb.DISLIKE,
+            recommendation_id=before.generation_id,
+        )
+        for i in range(7)
+    ]
     events += [pb.FeedbackEvent(event_id=f"l{i}", user_id="u3", item_id=f"b{i}", type=pb.PURCHASE)
                for i in range(4)]  # fmt: skip
     gen_server.stub.SendFeedback(pb.SendFeedbackRequest(events=events))

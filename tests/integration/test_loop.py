@@ -52,7 +52,9 @@ def test_export_is_at_least_once_and_trims_what_it_exported(server, redis_url, t
     assert count == 1 and [r["event_id"] for r in rows(tmp_path / "fb2.csv")] == ["x9"]
 
 
-def test_feedback_reaches_the_next_model_and_hot_reload(make_server, redis_url, tmp_path, clustered_csv):
+def test_feedback_reaches_the_next_model_and_hot_reload(
+    make_server, redis_url, tmp_path, clustered_csv
+):
     models = tmp_path / "models"
     live = train_bundle(clustered_csv, models / "live")
     server = make_server(model=live, model_watch_s=0.1)

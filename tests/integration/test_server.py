@@ -2,10 +2,10 @@
 
 import grpc
 import pytest
-from helpers import wait_for
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import wait_for
 
 from recsvc.store import EmbeddedRedis
 from recsvc.v1 import recommender_pb2 as pb
@@ -162,7 +162,9 @@ def test_invalid_batch_applies_nothing(server):
 def test_health_and_reflection(server):
     assert health(server) == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
-    (reply,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    (reply,) = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = {s.name for s in reply.list_services_response.service}
     assert {"recsvc.v1.Recommender", "grpc.health.v1.Health"} <= names
     info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
@@ -207,7 +209,9 @@ def test_redis_stopped_mid_test(make_server, tmp_path):
 
 def test_feedback_is_in_the_log(server, redis_url):
     server.stub.SendFeedback(
-        pb.SendFeedbackRequest(events=[purchase("log-1", "u3", "a2"), purchase("log-2", "u3", "zz")])
+        pb.SendFeedbackRequest(
+            events=[purchase("log-1", "u3", "a2"), purchase("log-2", "u3", "zz")]
+        )
     )
     entries = redis.Redis.from_url(redis_url).xrange("recsvc:v1:feedback")
     assert [fields[b"event_id"] for _, fields in entries] == [b"log-1", b"log-2"]

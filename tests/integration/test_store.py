@@ -54,7 +54,7 @@ def test_key_layout_is_pinned(redis_url):
     assert set(meta) == {b"updated_ms", b"events"} and meta[b"events"] == b"1"
     for key in user_keys("alice"):
         assert 3590 < r.ttl(key) <= 3600
-    (entry_id, fields), = r.xrange(FEEDBACK_STREAM)
+    ((entry_id, fields),) = r.xrange(FEEDBACK_STREAM)
     assert fields == {
         b"event_id": b"e1", b"user_id": b"alice", b"item_id": b"sku-1", b"type": b"view",
         b"value": b"0.0", b"weight": b"2.0", b"ts_ms": b"1700000000000",

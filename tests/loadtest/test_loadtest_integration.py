@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-
 from loadtest.empty_server import start_empty_server
 from loadtest.freshness import FreshnessConfig, run_freshness
 from loadtest.ids import synthetic

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from loadtest.common import Recorder, UsageError, check_target, new_hist, split_target, summarize
 from loadtest.empty_server import parse_errors
 from loadtest.ids import WeightedSampler, from_interactions, from_model_dir, load_ids, synthetic
@@ -241,6 +240,7 @@ def test_cli_refuses_remote_target():
 
 def test_model_dir_users_weighted_by_training_rows(tmp_path):
     import scipy.sparse as sp
+
     (tmp_path / "users.txt").write_text("a\nb\nc\n")
     (tmp_path / "items.txt").write_text("x\ny\n")
     np.save(tmp_path / "popularity.npy", np.array([1.0, 1.0], dtype=np.float32))

@@ -89,7 +89,6 @@ def test_batching_does_not_change_results_and_scores_restored():
         calls.append(users.copy())
         return full[users[0] : users[0] + 1]  # a view into the caller's matrix
 
-
     a = ranking_metrics(_fixed_scores(SCORES), TRAIN, TEST, k=2, batch_users=1024)
     b = ranking_metrics(fn, TRAIN, TEST, k=2, batch_users=1)
     assert a == pytest.approx(b)

@@ -56,7 +56,11 @@ def _model() -> CFModel:
     similarity = fit_cosine(R, neighbours=10, num_threads=1)
     popularity = np.asarray((R > 0).sum(axis=0), dtype=np.float32).ravel()
     bundle = CFBundle(
-        IdMap(f"u{i}" for i in range(5)), IdMap(f"i{i}" for i in range(4)), R, similarity, popularity
+        IdMap(f"u{i}" for i in range(5)),
+        IdMap(f"i{i}" for i in range(4)),
+        R,
+        similarity,
+        popularity,
     )
     return CFModel(bundle)
 
@@ -89,7 +93,9 @@ def test_negative_weight_pushes_similar_items_down():
 def test_popular_skips_banned_and_respects_restrict():
     model = _model()
     assert model.popular(2, banned=np.array([0])).tolist() == [1, 2]
-    assert model.popular(5, banned=np.array([], dtype=np.int64), restrict=np.array([3, 0])).tolist() == [0, 3]
+    assert model.popular(
+        5, banned=np.array([], dtype=np.int64), restrict=np.array([3, 0])
+    ).tolist() == [0, 3]
 
 
 def test_similar_items_best_first():
