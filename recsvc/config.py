@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path("recsvc-data"), description="where the embedded Redis keeps its files"
     )
+    redis_appendfsync: str = Field(
+        "always",
+        pattern="^(always|everysec|no)$",
+        description="AOF fsync policy of the embedded Redis (always: acks are durable)",
+    )
     redis_timeout_s: float = Field(0.5, gt=0, description="Redis socket timeout")
     health_interval_s: float = Field(1.0, gt=0, description="Redis health probe period")
     model_watch_s: float = Field(

@@ -76,7 +76,7 @@ class RecsvcServer:
             time.perf_counter() - started,
         )  # fmt: skip
         if not settings.redis_url:
-            self.embedded_redis = await asyncio.to_thread(EmbeddedRedis(settings.data_dir).start)
+            self.embedded_redis = await asyncio.to_thread(EmbeddedRedis(settings.data_dir, settings.redis_appendfsync).start)
         log.info("redis: %s", redact_url(self.redis_url))
         store = UserStore.from_url(
             self.redis_url,
@@ -252,7 +252,7 @@ def serve_workers(settings: Settings) -> int:
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
-        embedded = EmbeddedRedis(settings.data_dir).start()
+        embedded = EmbeddedRedis(settings.data_dir, settings.redis_appendfsync).start()
         redis_url = embedded.url
     port = settings.port or free_port(settings.host)
     env = _worker_env(settings, redis_url, port)

@@ -102,3 +102,27 @@ def test_similar_items_best_first():
     model = _model()
     items, scores = model.similar_items(0, 1)
     assert items.tolist() in ([1], [2]) and scores[0] == pytest.approx(2 / 3)
+
+
+def test_normalised_knn_generalises_cosine():
+    from recsvc.similarity import fit_normalised_knn
+
+    rng = np.random.default_rng(4)
+    r = sp.csr_matrix((rng.random((40, 25)) < 0.2).astype(np.float32))
+    plain = fit_normalised_knn(
+        r, 100, alpha=0, a=0.5, shrink=0, power=1, beta=0, rownorm=False
+    ).toarray()
+    np.testing.assert_allclose(plain, fit_cosine(r, 100, num_threads=1).toarray(), atol=1e-6)
+
+
+def test_normalised_knn_by_hand():
+    from recsvc.similarity import fit_normalised_knn
+
+    # items 0,1 co-occur for user 0 (degree 2) and user 2 (degree 3)
+    r = sp.csr_matrix(np.array([[1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=np.float32))
+    s = fit_normalised_knn(r, 10, alpha=1.0, a=0.5, shrink=1.0, power=2.0, beta=0, rownorm=False)
+    # C_01 = 1/2 * 1/2 + 1/3 * 1/3; degrees: item 0 -> 3, item 1 -> 2
+    expected = ((0.25 + 1 / 9) / (np.sqrt(3) * np.sqrt(2) + 1.0)) ** 2
+    assert s[0, 1] == pytest.approx(expected, rel=1e-5)
+    rows = fit_normalised_knn(r, 10).toarray().sum(axis=1)
+    np.testing.assert_allclose(rows, 1.0, rtol=1e-5)  # rownorm: each history item has one vote
