@@ -1,0 +1,110 @@
+"""Side-by-side serving numbers for BENCHMARKS.md (issue: load-test clients).
+
+    python benchmarks/serving_load.py --model models/gowalla [--duration 8] [--rounds 3]
+
+In one run, on this machine:
+1. closed loop, 64 in flight, Recommend only (k=20), alternating between the
+   empty server (same message sizes: the ceiling of Python gRPC here) and
+   `recsvc serve` with the model, `--rounds` times each; medians and ratio;
+2. open loop at 50% and 90% of recsvc's median maximum: latency percentiles;
+3. StreamFeedback at a high target rate: acknowledged (durable) events/s;
+4. the freshness probe: feedback sent -> first Recommend reflecting it.
+The load client shares the 2 cores with the server, as the performance notes
+warn; numbers are medians of alternating runs for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def start(cmd: list[str], log: Path, ready: str, env: dict | None = None) -> subprocess.Popen:
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 90
+    while ready not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.2)
+    return proc
+
+
+def loadtest(*args: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        report = f.name
+    subprocess.run([sys.executable, "-m", "loadtest", *args, "--report", report, "--quiet"],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    return json.loads(Path(report).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stream-rate", type=int, default=40_000)
+    parser.add_argument("--strategy", default="cf", help="RECSVC_DEFAULT_STRATEGY of the server")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="recsvc-load-"))
+    import os
+
+    env = {**os.environ, "RECSVC_MODEL_WATCH_S": "0", "RECSVC_DEFAULT_STRATEGY": args.strategy}
+    empty = start([sys.executable, "-m", "loadtest", "empty-server", "--port", "50997"],
+                  work / "empty.log", "50997")  # fmt: skip
+    server = start([sys.executable, "-m", "recsvc.cli", "serve", "--model", str(args.model),
+                    "--port", "50996", "--host", "127.0.0.1", "--data-dir", str(work / "data")],
+                   work / "serve.log", "serving on port", env)  # fmt: skip
+    common = ["--duration", str(args.duration), "--warmup", "1", "--mix", "recommend=1",
+              "--users-from", str(args.model), "--k", "20"]  # fmt: skip
+    try:
+        empty_rps, recsvc_rps, recsvc_p = [], [], []
+        for _ in range(args.rounds):
+            empty_rps.append(loadtest("run", "--target", "127.0.0.1:50997", "--concurrency", "64",
+                                      *common)["ok_throughput_rps"])  # fmt: skip
+            r = loadtest("run", "--target", "127.0.0.1:50996", "--concurrency", "64", *common)
+            recsvc_rps.append(r["ok_throughput_rps"])
+            recsvc_p.append(r["latency_ms"])
+        e, s = statistics.median(empty_rps), statistics.median(recsvc_rps)
+        print(f"closed loop, 64 in flight, Recommend k=20, {args.rounds} alternating rounds "
+              f"of {args.duration:.0f}s")  # fmt: skip
+        print(f"  empty server: {[round(x) for x in empty_rps]} rps, median {e:.0f}")
+        print(f"  recsvc ({args.strategy}): {[round(x) for x in recsvc_rps]} rps, median {s:.0f}")
+        print(f"  ratio recsvc / empty: {s / e:.2f}")
+        for share in (0.5, 0.9):
+            rate = max(1, int(s * share))
+            r = loadtest("run", "--target", "127.0.0.1:50996", "--rate", str(rate), *common)
+            lat = r["latency_ms"]
+            print(f"  open loop at {share:.0%} of max ({rate} rps): sent {r['requests']}, "
+                  f"errors {r['errors']}, p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, "
+                  f"p99 {lat['p99']:.2f} ms, p99.9 {lat['p99.9']:.2f} ms")  # fmt: skip
+        st = loadtest("stream", "--target", "127.0.0.1:50996", "--streams", "8", "--rate",
+                      str(args.stream_rate), "--duration", str(args.duration))  # fmt: skip
+        ev = st["events"]
+        print(f"  StreamFeedback, 8 streams, target {args.stream_rate}/s: acked {ev['acked_per_s']:.0f} "
+              f"events/s, unacked {ev.get('unacked')}, ack latency p50 "
+              f"{st['latency_ms']['p50']:.1f} ms p99 {st['latency_ms']['p99']:.1f} ms")  # fmt: skip
+        fr = loadtest("freshness", "--target", "127.0.0.1:50996", "--samples", "200",
+                      "--users-from", str(args.model))  # fmt: skip
+        f = fr.get("freshness_ms") or fr["latency_ms"]
+        print(f"  freshness (200 samples): p50 {f['p50']:.2f} ms, p99 {f['p99']:.2f} ms, "
+              f"max {f['max']:.2f} ms, not reflected {fr.get('not_reflected')}")  # fmt: skip
+        rss = next(line for line in (work / "serve.log").read_text().splitlines()
+                   if "serving on port" in line).split("rss_mb=")[1].split()[0]  # fmt: skip
+        print(f"  server RSS at start: {rss} MiB")
+    finally:
+        for proc in (empty, server):
+            proc.terminate()
+            proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
