@@ -104,32 +104,37 @@ def _train_generator(args, user_items, item_attributes, show):  # type: ignore[n
     carved from the training data (the test data is never seen)."""
     import torch
 
-    from generators.train import train_vae
+    from generators.train import DEFAULTS, train_vae
     from recsvc.evaluate import holdout_split
 
     if args.threads:
         torch.set_num_threads(args.threads)
     fit_part, valid = holdout_split(user_items, args.generator_valid_fraction, seed=args.seed)
     started = time.perf_counter()
+    # flags left unset take the defaults tuned in generators.train
+    overrides = {
+        name: value
+        for name, value in (
+            ("n_epochs", args.generator_epochs),
+            ("hidden", args.generator_hidden),
+            ("latent", args.generator_latent),
+            ("batch_size", args.generator_batch_size),
+            ("lr", args.generator_lr),
+        )
+        if value is not None
+    }
     model, history = train_vae(
         fit_part,
         valid,
-        n_epochs=args.generator_epochs,
         seed=args.seed,
         progress=show,
         attributes_csr=item_attributes,
         max_seconds=args.generator_minutes * 60 if args.generator_minutes else None,
-        hidden=args.generator_hidden,
-        latent=args.generator_latent,
-        batch_size=args.generator_batch_size,
-        lr=args.generator_lr,
+        **overrides,
     )
     params = {
-        "epochs": args.generator_epochs,
-        "hidden": args.generator_hidden,
-        "latent": args.generator_latent,
-        "batch_size": args.generator_batch_size,
-        "lr": args.generator_lr,
+        **{k: v for k, v in DEFAULTS.items() if k != "seed"},
+        **overrides,
         "valid_fraction": args.generator_valid_fraction,
         "seed": args.seed,
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -308,17 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--generator", action="store_true", help="also train the generative model (Mult-VAE)"
     )
-    train.add_argument("--generator-epochs", type=int, default=30)
+    train.add_argument("--generator-epochs", type=int, help="default: generators.train.DEFAULTS")
     train.add_argument(
         "--generator-minutes",
         type=float,
         default=12.0,
         help="stop generator training after this long (0: no limit)",
     )
-    train.add_argument("--generator-hidden", type=int, default=600)
-    train.add_argument("--generator-latent", type=int, default=200)
-    train.add_argument("--generator-batch-size", type=int, default=500)
-    train.add_argument("--generator-lr", type=float, default=1e-3)
+    train.add_argument("--generator-hidden", type=int, help="default: generators.train.DEFAULTS")
+    train.add_argument("--generator-latent", type=int, help="default: generators.train.DEFAULTS")
+    train.add_argument("--generator-batch-size", type=int,
+                       help="default: generators.train.DEFAULTS")
+    train.add_argument("--generator-lr", type=float, help="default: generators.train.DEFAULTS")
     train.add_argument(
         "--generator-valid-fraction",
         type=float,
