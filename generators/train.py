@@ -25,20 +25,22 @@ from .vae import MultVAE, SparseRows, kl_beta
 
 __all__ = ["train_vae", "DEFAULTS", "topk_items", "ranking_metrics_from_topk", "evaluate"]
 
-# Default configuration. n_epochs / total_anneal_steps were chosen so that the default run on
-# Gowalla (29,858 users x 40,981 items) fits in ~10-15 minutes on 2 CPU cores; see
-# generators/benchmark_gowalla.py and the report.
+# Default configuration, tuned on a validation split carved out of Gowalla's train.txt
+# (29,858 users x 40,981 items): a constant-ish KL weight of 0.5 (after a short 200-step
+# warm-up) regularises far better than the paper's slow anneal, which let this sparse data set
+# overfit within ~5 epochs; lr 3e-3 converges ~2x faster than 1e-3. 20 epochs of Gowalla take
+# ~10-15 minutes on 2 free CPU cores; pass max_seconds to enforce a budget on a busy machine.
 DEFAULTS: dict[str, Any] = {
     "n_epochs": 20,
     "batch_size": 500,
-    "lr": 1e-3,
+    "lr": 3e-3,
     "seed": 0,
     "early_stopping_patience": 5,
     "hidden": 600,
     "latent": 200,
     "dropout": 0.5,
-    "beta_max": 0.2,
-    "total_anneal_steps": 20000,
+    "beta_max": 0.5,
+    "total_anneal_steps": 200,
     "attr_weight": 1.0,
     "weight_decay": 0.0,
     "eval_k": 20,
@@ -98,7 +100,6 @@ def topk_items(
     model.eval()
     exclude_csr = input_csr if exclude_csr is None else exclude_csr
     k = min(k, model.n_items)  # a catalogue smaller than the cut-off
-    k = min(int(k), model.n_items)
     out = np.empty((len(users), k), dtype=np.int64)
     try:
         for s in range(0, len(users), batch_size):
