@@ -25,9 +25,8 @@ import numpy as np
 
 from recsvc.bundle import load_bundle
 from recsvc.config import Settings
-from recsvc.engine import Engine
+from recsvc.engine import Engine, load_model
 from recsvc.feedback import FeedbackEvent
-from recsvc.similarity import CFModel
 from recsvc.store import EmbeddedRedis, UserStore
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -38,11 +37,13 @@ def percentiles(ms: list[float]) -> str:
     return f"p50 {p50:.3f} ms  p90 {p90:.3f} ms  p99 {p99:.3f} ms  (n={len(ms)})"
 
 
-async def in_process(model_dir: Path, users: list[str], items: list[str], k: int) -> list[float]:
+async def in_process(
+    model_dir: Path, users: list[str], items: list[str], k: int, strategy: str
+) -> list[float]:
     with EmbeddedRedis(tempfile.mkdtemp(prefix="recsvc-bench-")) as redis_server:
         settings = Settings()
         store = UserStore.from_url(redis_server.url)
-        engine = Engine(CFModel(load_bundle(model_dir)), store, settings)
+        engine = Engine(load_model(model_dir), store, settings)
         rng = np.random.default_rng(0)
         events = [
             FeedbackEvent(f"b{u}-{j}", u, items[rng.integers(len(items))], "click", 2)
@@ -51,18 +52,18 @@ async def in_process(model_dir: Path, users: list[str], items: list[str], k: int
         ]
         await engine.apply_feedback(events)
         for user in users[:200]:  # warm-up
-            await engine.recommend(user, k)
+            await engine.recommend(user, k, strategy=strategy)
         times = []
         for user in users:
             start = time.perf_counter()
-            await engine.recommend(user, k)
+            await engine.recommend(user, k, strategy=strategy)
             times.append((time.perf_counter() - start) * 1000)
         await store.close()
         return times
 
 
 def over_grpc(
-    model_dir: Path, users: list[str], items: list[str], k: int
+    model_dir: Path, users: list[str], items: list[str], k: int, strategy: int
 ) -> tuple[list[float], float]:
     data_dir = tempfile.mkdtemp(prefix="recsvc-bench-")
     log_path = Path(data_dir) / "serve.log"
@@ -87,11 +88,11 @@ def over_grpc(
                              type=pb.CLICK)
             for u in users[::10] for j in range(5)][:1000]))  # fmt: skip
         for user in users[:200]:
-            stub.Recommend(pb.RecommendRequest(user_id=user, k=k))
+            stub.Recommend(pb.RecommendRequest(user_id=user, k=k, strategy=strategy))
         times = []
         for user in users:
             start = time.perf_counter()
-            stub.Recommend(pb.RecommendRequest(user_id=user, k=k))
+            stub.Recommend(pb.RecommendRequest(user_id=user, k=k, strategy=strategy))
             times.append((time.perf_counter() - start) * 1000)
         with open(f"/proc/{proc.pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -109,20 +110,22 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--strategy", choices=["cf", "generator", "blend"], default="cf")
     args = parser.parse_args()
     bundle = load_bundle(args.model)
     rng = np.random.default_rng(42)
     users = [bundle.users.ids[i] for i in rng.integers(len(bundle.users), size=args.calls)]
     items = bundle.items.ids
-    size_mb = sum(f.stat().st_size for f in args.model.iterdir()) / 2**20
+    size_mb = sum(f.stat().st_size for f in args.model.rglob("*") if f.is_file()) / 2**20
     print(f"model {bundle.model_version}: {len(bundle.users)} users, {len(items)} items, "
           f"similarity nnz {bundle.similarity.nnz}, bundle {size_mb:.1f} MiB")  # fmt: skip
-    print(f"cpu count {os.cpu_count()}, k={args.k}")
+    print(f"cpu count {os.cpu_count()}, k={args.k}, strategy {args.strategy}")
     print(
         "in-process Engine.recommend: "
-        + percentiles(asyncio.run(in_process(args.model, users, items, args.k)))
+        + percentiles(asyncio.run(in_process(args.model, users, items, args.k, args.strategy)))
     )
-    times, rss = over_grpc(args.model, users, items, args.k)
+    strategy = pb.Strategy.Value(f"STRATEGY_{args.strategy.upper()}")
+    times, rss = over_grpc(args.model, users, items, args.k, strategy)
     print("gRPC Recommend, 1 in flight: " + percentiles(times))
     print(f"server RSS after the run: {rss:.0f} MiB")
 

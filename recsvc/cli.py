@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--generator-minutes",
         type=float,
-        default=12.0,
+        default=11.0,
         help="stop generator training after this long (0: no limit)",
     )
     train.add_argument("--generator-hidden", type=int, help="default: generators.train.DEFAULTS")
