@@ -223,13 +223,16 @@ class UserStore:
         was trained on data up to then, so older feedback is already in it.
         """
         hist, recent, _, meta = user_keys(user_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(hist)
-            if since_ms > 0:
-                pipe.zrangebyscore(recent, f"({since_ms}", "+inf")
-            if with_vector:
-                pipe.hmget(meta, "vec", "vec_events", "events", "vec_model")
-            replies = await pipe.execute()
+        if since_ms <= 0 and not with_vector:  # the hot path: one command, no pipeline machinery
+            replies = [await self.client.hgetall(hist)]
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(hist)
+                if since_ms > 0:
+                    pipe.zrangebyscore(recent, f"({since_ms}", "+inf")
+                if with_vector:
+                    pipe.hmget(meta, "vec", "vec_events", "events", "vec_model")
+                replies = await pipe.execute()
         raw = replies[0]
         if since_ms > 0:
             raw = {item: raw[item] for item in replies[1] if item in raw}
