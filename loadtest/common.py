@@ -419,6 +419,22 @@ def fmt_ms(v: float | None) -> str:
     return f"{v:.2f}ms"
 
 
+async def run_ticking(work, t_start: float, on_tick, progress) -> float:
+    """Await ``work`` while ``on_tick(now)`` reports progress every second; then a
+    final tick, and the progress line closed. Returns when the work finished."""
+    stop = asyncio.Event()
+    tick = asyncio.create_task(ticker(1.0, t_start, on_tick, stop))
+    try:
+        await work
+    finally:
+        stop.set()
+        await tick
+    t_done = time.perf_counter()
+    on_tick(t_done, final=True)
+    progress.done()
+    return t_done
+
+
 async def ticker(interval: float, t_start: float, fn, stop: asyncio.Event) -> None:
     """Call fn(now) every `interval` seconds (aligned on t_start) until stop is set."""
     n = 1

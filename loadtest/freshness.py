@@ -46,8 +46,8 @@ from .common import (
     new_hist,
     now_iso,
     open_channels,
+    run_ticking,
     summarize,
-    ticker,
     to_us,
 )
 from .ids import IdSource
@@ -227,18 +227,14 @@ class FreshnessRun:
         try:
             self.t_start = time.perf_counter()
             self.rec = Recorder([KIND], self.t_start)
-            tick_stop = asyncio.Event()
-            tick = asyncio.create_task(ticker(1.0, self.t_start, self._tick, tick_stop))
-            try:
-                await asyncio.gather(
+            t_done = await run_ticking(
+                asyncio.gather(
                     *(self._worker(stubs[w % len(stubs)]) for w in range(cfg.concurrency))
-                )
-            finally:
-                tick_stop.set()
-                await tick
-            t_done = time.perf_counter()
-            self._tick(t_done, final=True)
-            self.progress.done()
+                ),
+                self.t_start,
+                self._tick,
+                self.progress,
+            )
         finally:
             await close_channels(channels)
         elapsed = t_done - self.t_start

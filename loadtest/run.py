@@ -41,8 +41,8 @@ from .common import (
     new_hist,
     now_iso,
     open_channels,
+    run_ticking,
     summarize,
-    ticker,
     to_us,
 )
 from .ids import IdSource, WeightedSampler
@@ -362,6 +362,13 @@ class LoadRun:
             ol["unsent_at_end"] += remaining
             ol["intended"] += remaining
 
+    async def _load(self) -> None:
+        if self.cfg.rate is not None:
+            await self._open_loop()
+        else:
+            await self._closed_loop()
+        await self._drain()
+
     async def _drain(self) -> None:
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=self.cfg.timeout + 1.0)
@@ -412,24 +419,13 @@ class LoadRun:
             self.t_measure = self.t_start + cfg.warmup
             self.t_end = self.t_measure + cfg.duration
             self.rec = Recorder(list(cfg.mix), self.t_measure)
-            tick_stop = asyncio.Event()
-            tick = asyncio.create_task(ticker(1.0, self.t_start, self._tick, tick_stop))
             warm_cpu = asyncio.get_running_loop().call_at(
                 asyncio.get_running_loop().time() + cfg.warmup, cpu.start
             )
             try:
-                if cfg.rate is not None:
-                    await self._open_loop()
-                else:
-                    await self._closed_loop()
-                await self._drain()
+                t_done = await run_ticking(self._load(), self.t_start, self._tick, self.progress)
             finally:
                 warm_cpu.cancel()
-                tick_stop.set()
-                await tick
-            t_done = time.perf_counter()
-            self._tick(t_done, final=True)
-            self.progress.done()
         finally:
             await close_channels(channels)
         rec = self.rec

@@ -251,7 +251,7 @@ class StreamRun:
         )
 
     async def run(self) -> dict:
-        from .common import ticker
+        from .common import run_ticking
 
         cfg = self.cfg
         channels, stubs = await open_channels(cfg.target, min(cfg.channels, cfg.streams))
@@ -262,18 +262,14 @@ class StreamRun:
             self.t_start = time.perf_counter()
             self.t_end = self.t_start + cfg.duration
             self.rec = Recorder([ACK], self.t_start)
-            tick_stop = asyncio.Event()
-            tick = asyncio.create_task(ticker(1.0, self.t_start, self._tick, tick_stop))
-            try:
-                await asyncio.gather(
+            await run_ticking(
+                asyncio.gather(
                     *(self._stream(s, stubs[s % len(stubs)]) for s in range(cfg.streams))
-                )
-            finally:
-                tick_stop.set()
-                await tick
-            t_done = time.perf_counter()
-            self._tick(t_done, final=True)
-            self.progress.done()
+                ),
+                self.t_start,
+                self._tick,
+                self.progress,
+            )
         finally:
             await close_channels(channels)
         rec = self.rec
