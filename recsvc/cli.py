@@ -30,7 +30,6 @@ def fit_similarity(args: argparse.Namespace, user_items, show: bool = False):  #
     """The item-item matrix ``--similarity`` names, and its parameters for the manifest."""
     from recsvc.similarity import TUNED_KNN, fit_cosine, fit_normalised_knn
 
-
     if args.similarity == "cosine":
         return fit_cosine(user_items, args.neighbours, args.threads, show_progress=show), {}
     return fit_normalised_knn(user_items, args.neighbours, **TUNED_KNN), dict(TUNED_KNN)
@@ -151,7 +150,6 @@ def _tune_blend(vae, fit_part, valid, item_attributes, args):  # type: ignore[no
     """The generator weight of the blend that maximises validation NDCG@20, with CF
     fitted on the same training part (validation items stay unseen by both)."""
     from generators.vae import GeneratorRuntime
-    from recsvc.engine import blend_scores
     from recsvc.evaluate import ranking_metrics
     from recsvc.generate import GeneratorModel
 
@@ -160,17 +158,12 @@ def _tune_blend(vae, fit_part, valid, item_attributes, args):  # type: ignore[no
     users = np.flatnonzero([len(v) > 0 for v in valid])
     rng = np.random.default_rng(args.seed)
     sample = np.sort(rng.choice(users, size=min(len(users), 4000), replace=False))
-    valid_sample = [valid[u] if u in set(sample.tolist()) else np.empty(0, np.int64)
+    sampled = set(sample.tolist())
+    valid_sample = [valid[u] if u in sampled else np.empty(0, np.int64)
                     for u in range(fit_part.shape[0])]  # fmt: skip
     grid = {}
     for weight in np.round(np.linspace(0, 1, 11), 2).tolist():
-
-        def scores(batch, weight=weight):  # type: ignore[no-untyped-def]
-            history = fit_part[batch]
-            logits = generator.batch_item_scores(history)
-            cf = (history @ similarity).toarray() if weight < 1 else None
-            return blend_scores(logits, cf, weight)[0].astype(np.float32)
-
+        scores = blend_scorer(generator, similarity, fit_part, weight)
         grid[weight] = round(ranking_metrics(scores, fit_part, valid_sample, k=20)["ndcg"], 5)
     return max(grid, key=grid.get), grid
 
@@ -225,23 +218,26 @@ def cmd_export_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
-def strategy_scores(model, strategy: str, generator_weight: float):  # type: ignore[no-untyped-def]
-    """A batch scoring function (user indices -> users x items) for eval, ranking
-    as the served strategy does."""
+def blend_scorer(generator, similarity, history_matrix, generator_weight: float):  # type: ignore[no-untyped-def]
+    """A batch scoring function (user indices -> users x items, float32) ranking as
+    the served generator/blend strategies do; used by eval and by blend tuning."""
     from recsvc.engine import blend_scores
 
-    train = model.bundle.user_items
-    if strategy == "cf":
-        return lambda users: model.score_users(train[users])
-    similarity = model.bundle.similarity
-
     def scores(users: np.ndarray) -> np.ndarray:
-        history = train[users]
-        logits = model.generator.batch_item_scores(history)
+        history = history_matrix[users]
+        logits = generator.batch_item_scores(history)
         cf = (history @ similarity).toarray() if generator_weight < 1 else None
         return blend_scores(logits, cf, generator_weight)[0].astype(np.float32)
 
     return scores
+
+
+def strategy_scores(model, strategy: str, generator_weight: float):  # type: ignore[no-untyped-def]
+    """A batch scoring function for eval, ranking as the served strategy does."""
+    train = model.bundle.user_items
+    if strategy == "cf":
+        return lambda users: model.score_users(train[users])
+    return blend_scorer(model.generator, model.bundle.similarity, train, generator_weight)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -301,9 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
         "lines; repeat to add feedback exports",
     )
     train.add_argument("--out", required=True, type=Path, help="model bundle directory to write")
-    train.add_argument("--similarity", choices=["knn", "cosine"], default="knn",
-                       help="knn: normalised item-item kNN tuned on Gowalla validation "
-                            "(default); cosine: plain cosine (implicit)")
+    train.add_argument(
+        "--similarity",
+        choices=["knn", "cosine"],
+        default="knn",
+        help="knn: normalised item-item kNN tuned on Gowalla validation "
+        "(default); cosine: plain cosine (implicit)",
+    )
     train.add_argument("--neighbours", type=int, default=100, help="similar items kept per item")
     train.add_argument("--event-weights", help="e.g. 'view=1,click=2,purchase=8' (or JSON)")
     train.add_argument("--threads", type=int, default=0, help="fit threads (0: all cores)")
@@ -322,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--generator-hidden", type=int, help="default: generators.train.DEFAULTS")
     train.add_argument("--generator-latent", type=int, help="default: generators.train.DEFAULTS")
-    train.add_argument("--generator-batch-size", type=int,
-                       help="default: generators.train.DEFAULTS")
+    train.add_argument(
+        "--generator-batch-size", type=int, help="default: generators.train.DEFAULTS"
+    )
     train.add_argument("--generator-lr", type=float, help="default: generators.train.DEFAULTS")
     train.add_argument(
         "--generator-valid-fraction",

@@ -324,12 +324,11 @@ class Engine:
     ):
         """Mix two distributions over the catalogue: the generator's softmax and
         the CF scores normalised to sum to one (no CF: popularity)."""
-        generator_scores = blend_scores(
+        mixed, from_generator = blend_scores(
             model.generator.item_scores(mu)[None, :],
             model.score_history_dense(items, weights)[None, :] if generator_weight < 1 else None,
             generator_weight,
         )
-        mixed, from_generator = generator_scores
         mixed, from_generator = mixed[0], from_generator[0]
         banned = [] if include_seen else [items]
         if exclude is not None:

@@ -76,7 +76,9 @@ class RecsvcServer:
             time.perf_counter() - started,
         )  # fmt: skip
         if not settings.redis_url:
-            self.embedded_redis = await asyncio.to_thread(EmbeddedRedis(settings.data_dir, settings.redis_appendfsync).start)
+            self.embedded_redis = await asyncio.to_thread(
+                EmbeddedRedis(settings.data_dir, settings.redis_appendfsync).start
+            )
         log.info("redis: %s", redact_url(self.redis_url))
         store = UserStore.from_url(
             self.redis_url,

@@ -88,9 +88,7 @@ def fit_normalised_knn(
     cooc.eliminate_zeros()
     cooc.sort_indices()
     rows = np.repeat(np.arange(cooc.shape[0]), np.diff(cooc.indptr))
-    denominator = (
-        _power(item_degree, a)[rows] * _power(item_degree, 1 - a)[cooc.indices] + shrink
-    )
+    denominator = _power(item_degree, a)[rows] * _power(item_degree, 1 - a)[cooc.indices] + shrink
     data = np.divide(cooc.data, denominator, out=np.zeros(cooc.nnz), where=denominator > 0)
     if power != 1.0:
         data = np.power(data, power)
@@ -185,6 +183,9 @@ class CFModel:
         self.generator: Any = None  # a recsvc.generate.GeneratorModel, set by the loader
         self.popularity = bundle.popularity.astype(np.float64)
         self.popularity_order = np.argsort(-self.popularity, kind="stable")
+        self._popularity_tie_break = (
+            self.popularity / (self.popularity.max(initial=0) + 1) * 1e-6
+        ).astype(np.float32)
 
     @property
     def n_items(self) -> int:
@@ -280,8 +281,7 @@ class CFModel:
         ``recommend`` then ``popular`` rank them: CF score first, popularity
         breaking ties (and ordering the items CF cannot score)."""
         scores = (history @ self.bundle.similarity).toarray().astype(np.float32)
-        tie_break = self.popularity / (self.popularity.max(initial=0) + 1) * 1e-6
-        scores += tie_break.astype(np.float32)
+        scores += self._popularity_tie_break
         return scores
 
     def similar_items(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray]:

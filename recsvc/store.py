@@ -158,6 +158,12 @@ class CachedVector:
     events: int
     model: str
 
+    @classmethod
+    def from_reply(cls, reply: Sequence[bytes | None]) -> CachedVector:
+        """From ``HMGET meta vec vec_events events vec_model``."""
+        blob, vector_events, events, model = reply
+        return cls(blob, int(vector_events or -1), int(events or 0), (model or b"").decode())
+
     def fresh_for(self, model_version: str) -> bool:
         return (
             self.blob is not None
@@ -236,11 +242,7 @@ class UserStore:
         raw = replies[0]
         if since_ms > 0:
             raw = {item: raw[item] for item in replies[1] if item in raw}
-        cached = None
-        if with_vector:
-            blob, vec_events, events, model = replies[-1]
-            cached = CachedVector(blob, int(vec_events or -1), int(events or 0),
-                                  (model or b"").decode())  # fmt: skip
+        cached = CachedVector.from_reply(replies[-1]) if with_vector else None
         if not raw:
             return [], np.empty(0, dtype=np.float64), cached
         items = [k.decode() for k in raw]
@@ -253,10 +255,7 @@ class UserStore:
             for user in user_ids:
                 pipe.hmget(user_keys(user)[3], "vec", "vec_events", "events", "vec_model")
             replies = await pipe.execute()
-        return [
-            CachedVector(blob, int(vec_events or -1), int(events or 0), (model or b"").decode())
-            for blob, vec_events, events, model in replies
-        ]
+        return [CachedVector.from_reply(reply) for reply in replies]
 
     async def put_vector(self, user_id: str, events: int, blob: bytes, model: str) -> bool:
         """Cache a vector computed from the state after ``events`` events; refused
