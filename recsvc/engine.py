@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,11 @@ def blend_scores(
         cf, totals, out=np.zeros_like(cf), where=totals > 0
     )
     return generator_part + cf_part, generator_part > cf_part
+
+
+def new_id() -> str:
+    """A random 128-bit id in hex, as uuid4().hex reads but at a fifth of its cost."""
+    return os.urandom(16).hex()
 
 
 def load_model(model_dir: Path) -> CFModel:
@@ -293,10 +298,10 @@ class Engine:
             personalized = len(items) > 0
         ids = model.items.ids
         return Recommendation(
-            item_ids=[ids[i] for i in chosen],
+            item_ids=[ids[i] for i in chosen.tolist()],
             scores=scores,
             sources=sources,
-            recommendation_id=uuid.uuid4().hex,
+            recommendation_id=new_id(),
             model_version=model.model_version,
             personalized=personalized,
             degraded_reason=degraded,
@@ -403,7 +408,7 @@ class Engine:
                 )
                 for g in result.items
             ],
-            generation_id=uuid.uuid4().hex,
+            generation_id=new_id(),
             model_version=model.model_version,
             seed=result.seed,
             degraded_reason=degraded,
@@ -421,7 +426,7 @@ class Engine:
                 "items seen only in feedback become known at the next training"
             )
         neighbours, scores = model.similar_items(index, k)
-        return [model.items.ids[i] for i in neighbours], scores, model.model_version
+        return [model.items.ids[i] for i in neighbours.tolist()], scores, model.model_version
 
     # -- user state and feedback ------------------------------------------------
 

@@ -120,17 +120,19 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             strategy=STRATEGIES[request.strategy],
             blend_weight=request.blend_weight if request.HasField("blend_weight") else None,
         )
-        return pb.RecommendResponse(
-            items=[
-                pb.ScoredItem(item_id=i, score=s, source=SOURCES[src])
-                for i, s, src in zip(rec.item_ids, rec.scores.tolist(), rec.sources, strict=True)
-            ],
+        reply = pb.RecommendResponse(
             recommendation_id=rec.recommendation_id,
             model_version=rec.model_version,
             degraded=rec.degraded,
             degraded_reason=rec.degraded_reason,
             personalized=rec.personalized,
         )
+        add = reply.items.add  # ~twice as fast as building a list of ScoredItem messages
+        for item_id, score, source in zip(
+            rec.item_ids, rec.scores.tolist(), rec.sources, strict=True
+        ):
+            add(item_id=item_id, score=score, source=SOURCES[source])
+        return reply
 
     @_status_errors
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
@@ -169,13 +171,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.SimilarItemsRequest, context: Any
     ) -> pb.SimilarItemsResponse:
         ids, scores, version = self.engine.similar_items(request.item_id, request.k)
-        return pb.SimilarItemsResponse(
-            items=[
-                pb.ScoredItem(item_id=i, score=s, source=pb.SOURCE_CF)
-                for i, s in zip(ids, scores.tolist(), strict=True)
-            ],
-            model_version=version,
-        )
+        reply = pb.SimilarItemsResponse(model_version=version)
+        add = reply.items.add
+        for item_id, score in zip(ids, scores.tolist(), strict=True):
+            add(item_id=item_id, score=score, source=pb.SOURCE_CF)
+        return reply
 
     @_status_errors
     async def SendFeedback(
