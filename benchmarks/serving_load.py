@@ -25,11 +25,14 @@ import time
 from pathlib import Path
 
 
-def start(cmd: list[str], log: Path, ready: str, env: dict | None = None) -> subprocess.Popen:
+def start(
+    cmd: list[str], log: Path, ready: str, env: dict | None = None, count: int = 1
+) -> subprocess.Popen:
+    """Start ``cmd`` and wait until ``ready`` is in its log ``count`` times."""
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 90
-    while ready not in log.read_text():
+    while log.read_text().count(ready) < count:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(log.read_text())
         time.sleep(0.2)
@@ -53,6 +56,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stream-rate", type=int, default=40_000)
     parser.add_argument("--strategy", default="cf", help="RECSVC_DEFAULT_STRATEGY of the server")
+    parser.add_argument("--workers", type=int, default=1, help="recsvc serve --workers")
+    parser.add_argument("--channels", type=int, default=8,
+                        help="client connections (SO_REUSEPORT spreads connections over workers)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recsvc-load-"))
     import os
@@ -61,10 +67,11 @@ def main() -> None:
     empty = start([sys.executable, "-m", "loadtest", "empty-server", "--port", "50997"],
                   work / "empty.log", "50997")  # fmt: skip
     server = start([sys.executable, "-m", "recsvc.cli", "serve", "--model", str(args.model),
-                    "--port", "50996", "--host", "127.0.0.1", "--data-dir", str(work / "data")],
-                   work / "serve.log", "serving on port", env)  # fmt: skip
+                    "--port", "50996", "--host", "127.0.0.1", "--data-dir", str(work / "data"),
+                    "--workers", str(args.workers)],
+                   work / "serve.log", "serving on port", env, args.workers)  # fmt: skip
     common = ["--duration", str(args.duration), "--warmup", "1", "--mix", "recommend=1",
-              "--users-from", str(args.model), "--k", "20"]  # fmt: skip
+              "--users-from", str(args.model), "--k", "20", "--channels", str(args.channels)]  # fmt: skip
     try:
         empty_rps, recsvc_rps, recsvc_p = [], [], []
         for _ in range(args.rounds):
@@ -104,6 +111,9 @@ def main() -> None:
         for proc in (empty, server):
             proc.terminate()
             proc.wait(30)
+    for line in (work / "serve.log").read_text().splitlines():
+        if "user state cache" in line and "hits=" in line:
+            print("  " + line.split("msg=")[1])
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         description="AOF fsync policy of the embedded Redis (always: acks are durable)",
     )
     redis_timeout_s: float = Field(0.5, gt=0, description="Redis socket timeout")
+    state_cache_items: int = Field(
+        500_000,
+        ge=0,
+        description="per-process cache of users' Redis state, in history items (0: off); "
+        "kept exact by Redis client-side caching invalidations",
+    )
     health_interval_s: float = Field(1.0, gt=0, description="Redis health probe period")
     model_watch_s: float = Field(
         5.0, ge=0, description="poll the model directory for a new bundle this often (0: off)"

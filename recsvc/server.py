@@ -83,6 +83,7 @@ class RecsvcServer:
         store = UserStore.from_url(
             self.redis_url,
             timeout_s=settings.redis_timeout_s,
+            cache_items=settings.state_cache_items,
             history_cap=settings.history_cap,
             dedup_window=settings.dedup_window,
             ttl_s=settings.user_ttl_s,
@@ -198,6 +199,11 @@ class RecsvcServer:
         if self._server is not None:
             await self._server.stop(grace)
         if self.engine is not None:
+            cache = self.engine.store.cache
+            log.info(
+                "user state cache",
+                extra={"hits": cache.hits, "misses": cache.misses, "dropped": cache.invalidations},
+            )
             await self.engine.store.close()
         if self.embedded_redis is not None:
             await asyncio.to_thread(self.embedded_redis.stop)

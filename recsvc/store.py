@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -32,11 +33,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
+
+from recsvc.statecache import StateCache
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +186,28 @@ class StoredState:
     event_count: int
 
 
+def _parse_history(
+    has_cutoff: bool, with_vector: bool, replies: list[Any]
+) -> tuple[tuple[list[str], np.ndarray, CachedVector | None], int]:
+    """``get_history``'s result from its raw replies (HGETALL as a flat list, then
+    ZRANGEBYSCORE if ``has_cutoff``, then HMGET of the vector fields if
+    ``with_vector``), and its size in items."""
+    hist = replies[0]  # a map under RESP3 (redis-py's default), a flat list under RESP2
+    keys, values = (hist.keys(), hist.values()) if isinstance(hist, dict) else (hist[0::2], hist[1::2])
+    items = [item.decode() for item in keys]
+    weights = np.array(list(values)).astype(np.float64)  # float text, parsed in one call
+    if has_cutoff and items:
+        recent = {item.decode() for item in replies[1]}
+        keep = [item in recent for item in items]
+        items = [item for item, kept in zip(items, keep, strict=True) if kept]
+        weights = weights[np.array(keep, dtype=bool)]
+    if not items:
+        weights = np.empty(0, dtype=np.float64)
+    weights.flags.writeable = False  # the cache hands the same array to every caller
+    cached = CachedVector.from_reply(replies[-1]) if with_vector else None
+    return (items, weights, cached), len(items)
+
+
 class UserStore:
     """Async access to per-user state and the feedback log in one Redis."""
 
@@ -193,8 +219,12 @@ class UserStore:
         dedup_window: int = 10_000,
         ttl_s: int = 30 * 86400,
         stream_maxlen: int = 0,
+        cache: StateCache | None = None,
     ):
         self.client = client
+        # reads of user state go through it: cached while Redis tracks them for
+        # us (see recsvc.statecache), read over a pooled connection otherwise
+        self.cache = cache or StateCache(client, "", PREFIX + "user:", max_items=0)
         self.history_cap = history_cap
         self.dedup_window = dedup_window
         self.ttl_s = ttl_s
@@ -203,7 +233,11 @@ class UserStore:
         self._put_sha = hashlib.sha1(PUT_VECTOR_LUA.encode()).hexdigest()
 
     @classmethod
-    def from_url(cls, url: str, timeout_s: float = 0.5, **kwargs: int) -> UserStore:
+    def from_url(
+        cls, url: str, timeout_s: float = 0.5, cache_items: int = 0, **kwargs: int
+    ) -> UserStore:
+        """A store on ``url``; ``cache_items`` > 0 caches user state reads in this
+        process (up to that many history items), kept exact by Redis."""
         client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -211,13 +245,18 @@ class UserStore:
             retry_on_timeout=False,
             decode_responses=False,
         )
-        return cls(client, **kwargs)
+        cache = StateCache(client, url, PREFIX + "user:", cache_items, timeout_s)
+        return cls(client, cache=cache, **kwargs)
 
     async def close(self) -> None:
+        await self.cache.close()
         await self.client.aclose()
 
     async def ping(self) -> bool:
-        return bool(await self.client.ping())
+        """Is Redis answering? Also (re)starts or checks the state cache."""
+        ok = bool(await self.client.ping())
+        await self.cache.check()
+        return ok
 
     async def get_history(
         self, user_id: str, since_ms: int = 0, with_vector: bool = False
@@ -229,25 +268,13 @@ class UserStore:
         was trained on data up to then, so older feedback is already in it.
         """
         hist, recent, _, meta = user_keys(user_id)
-        if since_ms <= 0 and not with_vector:  # the hot path: one command, no pipeline machinery
-            replies = [await self.client.hgetall(hist)]
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hgetall(hist)
-                if since_ms > 0:
-                    pipe.zrangebyscore(recent, f"({since_ms}", "+inf")
-                if with_vector:
-                    pipe.hmget(meta, "vec", "vec_events", "events", "vec_model")
-                replies = await pipe.execute()
-        raw = replies[0]
+        commands: list[tuple[str, ...]] = [("HGETALL", hist)]
         if since_ms > 0:
-            raw = {item: raw[item] for item in replies[1] if item in raw}
-        cached = CachedVector.from_reply(replies[-1]) if with_vector else None
-        if not raw:
-            return [], np.empty(0, dtype=np.float64), cached
-        items = [k.decode() for k in raw]
-        weights = np.fromiter((float(v) for v in raw.values()), dtype=np.float64, count=len(raw))
-        return items, weights, cached
+            commands.append(("ZRANGEBYSCORE", recent, f"({since_ms}", "+inf"))
+        if with_vector:
+            commands.append(("HMGET", meta, "vec", "vec_events", "events", "vec_model"))
+        parse = functools.partial(_parse_history, since_ms > 0, with_vector)
+        return await self.cache.get(user_id, (since_ms, with_vector), commands, parse)  # type: ignore[no-any-return]
 
     async def get_vectors(self, user_ids: Sequence[str]) -> list[CachedVector]:
         """Cached generator vectors of several users (one round trip)."""
@@ -260,6 +287,7 @@ class UserStore:
     async def put_vector(self, user_id: str, events: int, blob: bytes, model: str) -> bool:
         """Cache a vector computed from the state after ``events`` events; refused
         (False) if more events arrived meanwhile."""
+        self.cache.invalidate(user_id)
         sha = self._put_sha
         args = (1, user_keys(user_id)[3], events, blob, model)
         try:
@@ -293,6 +321,8 @@ class UserStore:
         except NoScriptError:  # Redis restarted and lost its script cache
             await self.client.script_load(APPLY_EVENTS_LUA)
             replies = await self._run_apply(events, now_ms)
+        for user_id in {e.user_id for e in events}:  # this process knows it changed
+            self.cache.invalidate(user_id)
         return [ApplyResult(bool(r[0]), float(r[1]), int(r[2])) for r in replies]
 
     async def _run_apply(self, events: Sequence[StoredEvent], now_ms: int) -> list:

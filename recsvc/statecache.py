@@ -1,0 +1,386 @@
+"""A per-process cache of user state reads, kept exact by Redis itself.
+
+Recommend reads the user's feedback history from Redis on every call. Under
+load that round trip (redis-py's per-command work, a wake-up for the reply,
+Redis's own time on the shared cores) costs more CPU than scoring; most calls
+find the same state as last time. This cache skips it without serving stale
+state, using Redis's server-assisted client-side caching (``CLIENT TRACKING``,
+Redis >= 6):
+
+* cacheable reads go over one *tracked* connection; Redis remembers every key
+  read on it (missing keys too);
+* when any client changes (or expires, evicts, flushes) one of those keys,
+  Redis sends its name to our *invalidation* connection, subscribed to
+  ``__redis__:invalidate`` (the RESP2 "redirect" form), and we drop the user;
+* before every lookup we drain that connection without blocking, so every
+  invalidation Redis has sent is applied before we answer from the cache.
+
+Freshness across processes: Redis queues the invalidation while it runs the
+write, and writes it out in the same event-loop pass as the writer's reply,
+so it is on our socket long before the writer's ack can reach its client and
+come back here as a new call (many hops through Python). Writes this process
+makes itself drop the user at once. If either connection breaks, Redis stops
+telling us about changes: the cache is emptied and bypassed until both are
+re-established (``check``, called by the health monitor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.connection import SSLConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+
+log = logging.getLogger(__name__)
+
+CHANNEL = b"__redis__:invalidate"
+MISSING = object()
+Command = tuple[Any, ...]
+
+
+class _InvalidationFeed:
+    """The connection Redis sends invalidated key names to: a plain socket of
+    our own (non-blocking once subscribed), parsed by hiredis."""
+
+    def __init__(self, url: str, timeout_s: float):
+        self._params = parse_url(url)
+        if self._params.get("connection_class") is SSLConnection:
+            raise ValueError("TLS Redis URLs are not supported by the state cache")
+        self._timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._reader = hiredis.Reader()
+
+    def open(self) -> int:
+        """Connect, subscribe, and return this connection's Redis client id (blocking)."""
+        params = self._params
+        if params.get("path"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._timeout_s)
+            sock.connect(params["path"])
+        else:
+            sock = socket.create_connection(
+                (params.get("host", "localhost"), params.get("port", 6379)), self._timeout_s
+            )
+        self._sock = sock
+        if params.get("password"):
+            username = [params["username"]] if params.get("username") else []
+            self._call("AUTH", *username, params["password"])
+        client_id = int(self._call("CLIENT", "ID"))
+        self._call("CLIENT", "SETNAME", "recsvc-invalidations")
+        self._call("SUBSCRIBE", CHANNEL)
+        sock.setblocking(False)
+        return client_id
+
+    def _call(self, *args: Any) -> Any:
+        assert self._sock is not None
+        self._sock.sendall(hiredis.pack_command(args))
+        while (reply := self._reader.gets()) is False:
+            data = self._sock.recv(65536)
+            if not data:
+                raise ConnectionError("Redis closed the invalidation connection")
+            self._reader.feed(data)
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
+        return reply
+
+    def fileno(self) -> int:
+        assert self._sock is not None
+        return self._sock.fileno()
+
+    def messages(self) -> list[Any]:
+        """What Redis has sent so far (never blocks); ``ConnectionError`` if closed."""
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                break
+            if not data:
+                raise ConnectionError("Redis closed the invalidation connection")
+            self._reader.feed(data)
+            if len(data) < 65536:
+                break  # drained: what was sent before this call is in
+        out = []
+        while (message := self._reader.gets()) is not False:
+            out.append(message)
+        return out
+
+    def ping(self) -> None:
+        assert self._sock is not None
+        self._sock.send(hiredis.pack_command(("PING",)))  # tiny: never blocks in practice
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class StateCache:
+    """Users' state as last read from Redis, dropped as soon as Redis says it changed.
+
+    ``get`` answers from the cache or reads over the tracked connection (reads
+    of concurrent misses go out together). Bounded by ``max_items`` (an entry
+    costs one plus its number of history items), least recently used first out.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        url: str,
+        user_prefix: str,
+        max_items: int = 500_000,
+        timeout_s: float = 0.5,
+    ):
+        self._client = client
+        self._url = url
+        self._timeout_s = timeout_s
+        self._prefix = user_prefix.encode()
+        self.max_items = max_items
+        self._entries: OrderedDict[str, tuple[Hashable, Any, int]] = OrderedDict()
+        self._size = 0
+        self._feed: _InvalidationFeed | None = None
+        self._tracked: Any = None  # a redis.asyncio Connection with tracking on
+        self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._reading: dict[str, int] = {}  # reads in flight per user
+        self._dirty: set[str] = set()  # invalidated while a read was in flight
+        self._epoch = 0  # bumped by every reset and flush
+        self._ping_outstanding = False
+        self._unsupported = False
+        self.ready = False
+        self.hits = self.misses = self.invalidations = 0
+
+    # -- connections -------------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Open both connections and turn tracking on; False (and the cache stays
+        bypassed) if Redis is unreachable or too old, or the cache is sized 0."""
+        if self.ready or self._unsupported or self.max_items <= 0:
+            return self.ready
+        feed, tracked = None, None
+        try:
+            feed = _InvalidationFeed(self._url, self._timeout_s)
+            client_id = await asyncio.to_thread(feed.open)
+            tracked = self._client.connection_pool.make_connection()
+            await tracked.connect()
+            await tracked.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id)
+            await tracked.read_response()
+        except (ResponseError, ValueError) as exc:
+            self._unsupported = True
+            log.warning("user state cache off: %s", exc)
+        except (RedisError, OSError) as exc:
+            log.info("user state cache not started yet: %s", exc)
+        else:
+            asyncio.get_running_loop().add_reader(feed.fileno(), self._drain)
+            self._feed, self._tracked = feed, tracked
+            self._ping_outstanding = False
+            self._epoch += 1  # reads sent untracked before now must not be kept
+            self.ready = True
+            log.info("user state cache on", extra={"max_items": self.max_items})
+            return True
+        if feed is not None:
+            feed.close()
+        if tracked is not None:
+            await tracked.disconnect()
+        return False
+
+    async def check(self) -> None:
+        """Periodic: (re)start if off; else ping the invalidation connection and
+        reset if the previous ping went unanswered (a silently dead connection)."""
+        if not self.ready:
+            await self.start()
+            return
+        self._drain()
+        if not self.ready:
+            return
+        if self._ping_outstanding:
+            self._reset("no answer to PING on the invalidation connection")
+            return
+        try:
+            assert self._feed is not None
+            self._feed.ping()
+            self._ping_outstanding = True
+        except OSError as exc:
+            self._reset(f"invalidation connection: {exc}")
+
+    def _reset(self, reason: str) -> None:
+        """Redis may no longer tell us about changes: forget everything."""
+        if self.ready:
+            log.warning("user state cache reset: %s", reason)
+        self.ready = False
+        self._epoch += 1
+        self._entries.clear()
+        self._size = 0
+        if self._feed is not None:
+            with contextlib.suppress(ValueError, OSError):  # the fd may be closed already
+                asyncio.get_running_loop().remove_reader(self._feed.fileno())
+            self._feed.close()
+            self._feed = None
+        if self._tracked is not None:
+            tracked, self._tracked = self._tracked, None
+            task = asyncio.get_running_loop().create_task(tracked.disconnect(nowait=True))
+            task.add_done_callback(lambda t: t.exception())  # nothing to do on failure
+
+    async def close(self) -> None:
+        self.ready = False  # quietly
+        self._reset("closing")
+        if self._sender is not None:
+            self._sender.cancel()
+
+    # -- invalidations -------------------------------------------------------------
+
+    def _drain(self) -> None:
+        feed = self._feed
+        if feed is None:
+            return
+        try:
+            messages = feed.messages()
+        except OSError as exc:
+            self._reset(f"invalidation connection: {exc}")
+            return
+        for message in messages:
+            kind = message[0]
+            if kind == b"message" and message[1] == CHANNEL:
+                keys = message[2]
+                if keys is None:  # FLUSHDB / FLUSHALL
+                    self._entries.clear()
+                    self._size = 0
+                    self._epoch += 1
+                else:
+                    for key in keys:
+                        if key.startswith(self._prefix):
+                            self.invalidate(key[len(self._prefix) :].rpartition(b":")[0].decode())
+            elif kind == b"pong":
+                self._ping_outstanding = False
+
+    def invalidate(self, user_id: str) -> None:
+        """Forget ``user_id`` (Redis said so, or this process just wrote their state)."""
+        entry = self._entries.pop(user_id, None)
+        if entry is not None:
+            self._size -= entry[2]
+            self.invalidations += 1
+        if user_id in self._reading:
+            self._dirty.add(user_id)
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def get(
+        self,
+        user_id: str,
+        variant: Hashable,
+        commands: Sequence[Command],
+        parse: Callable[[list[Any]], tuple[Any, int]],
+    ) -> Any:
+        """The parsed replies to ``commands`` (reads of ``user_id``'s keys):
+        cached if ``variant`` (what the commands ask for) matches, else read
+        over the tracked connection (over a pooled one while the cache is off,
+        and then not kept). ``parse`` returns (value, size in items)."""
+        self._drain()
+        entry = self._entries.get(user_id)
+        if entry is not None and entry[0] == variant:
+            self._entries.move_to_end(user_id)
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        epoch = self._epoch
+        self._reading[user_id] = self._reading.get(user_id, 0) + 1
+        try:
+            replies = await self._read(commands)
+        finally:
+            dirty = user_id in self._dirty
+            left = self._reading.pop(user_id) - 1
+            if left:
+                self._reading[user_id] = left
+            else:
+                self._dirty.discard(user_id)
+        value, size = parse(replies)
+        self._drain()  # invalidations that crossed our read in flight
+        if self.ready and epoch == self._epoch and not dirty and user_id not in self._dirty:
+            self._put(user_id, variant, value, 1 + size)
+        return value
+
+    def _put(self, user_id: str, variant: Hashable, value: Any, size: int) -> None:
+        old = self._entries.pop(user_id, None)
+        if old is not None:
+            self._size -= old[2]
+        if size > self.max_items:
+            return
+        self._entries[user_id] = (variant, value, size)
+        self._size += size
+        while self._size > self.max_items:
+            _, (_, _, dropped) = self._entries.popitem(last=False)
+            self._size -= dropped
+
+    async def _read(self, commands: Sequence[Command]) -> list[Any]:
+        """Replies to ``commands``, sent with the other misses waiting now (one
+        batch on the wire at a time: the connection answers in order)."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((commands, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_queued())
+        return await future
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:256], self._queue[256:]
+                await self._send(batch)
+        finally:
+            self._sender = None
+
+    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+        commands = [command for commands, _ in batch for command in commands]
+        try:
+            if self.ready:
+                replies = await self._round_trip_tracked(commands)
+            else:
+                try:
+                    replies = await self._round_trip_pooled(commands)
+                except RedisConnectionError:  # e.g. a pooled connection from before a restart
+                    replies = await self._round_trip_pooled(commands)
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for commands_, future in batch:
+            if not future.done():  # else the caller was cancelled
+                future.set_result(replies[start : start + len(commands_)])
+            start += len(commands_)
+
+    async def _round_trip_tracked(self, commands: list[Command]) -> list[Any]:
+        tracked = self._tracked
+        try:
+            await tracked.send_packed_command(tracked.pack_commands(commands), check_health=False)
+            return [await tracked.read_response() for _ in commands]
+        except BaseException as exc:
+            # the connection's state is unknown (replies may be half read): start over
+            self._reset(f"tracked connection: {type(exc).__name__}: {exc}")
+            raise
+
+    async def _round_trip_pooled(self, commands: list[Command]) -> list[Any]:
+        """The same read, untracked (the cache is off or being re-established)."""
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(
+                connection.pack_commands(commands), check_health=False
+            )
+            return [await connection.read_response() for _ in commands]
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)

@@ -1,0 +1,164 @@
+"""The per-process user state cache (recsvc.statecache) against a real Redis:
+it answers repeated reads itself, and never answers with state that Redis has
+since changed, whoever changed it."""
+
+import asyncio
+
+import pytest
+import redis
+
+from recsvc.store import EmbeddedRedis, StoredEvent, UserStore, user_keys
+
+pytestmark = pytest.mark.integration
+
+
+def event(event_id, user, item, weight=1.0):
+    return StoredEvent(event_id, user, item, "view", 0.0, weight, 1_700_000_000_000, "")
+
+
+async def cached_store(url, items=10_000):
+    store = UserStore.from_url(url, cache_items=items)
+    await store.ping()  # the health probe starts the cache
+    assert store.cache.ready
+    return store
+
+
+def items_of(history):
+    ids, weights, _ = history
+    return dict(zip(ids, weights.tolist(), strict=True))
+
+
+def test_repeated_reads_are_hits_and_other_writers_are_seen_at_once(redis_url):
+    async def main():
+        reader = await cached_store(redis_url)
+        writer = UserStore.from_url(redis_url)  # another process, in effect
+        try:
+            assert items_of(await reader.get_history("u1")) == {}  # no keys yet: cached too
+            assert items_of(await reader.get_history("u1")) == {}
+            assert (reader.cache.hits, reader.cache.misses) == (1, 1)
+
+            # the write creates keys the reader only ever saw missing
+            await writer.apply_events([event("e1", "u1", "a", 2.0)])
+            assert items_of(await reader.get_history("u1")) == {"a": 2.0}  # no wait
+            assert reader.cache.misses == 2
+
+            # a plain write outside the feedback script is seen as well
+            redis.Redis.from_url(redis_url).hset(user_keys("u1")[0], "b", "1.5")
+            assert items_of(await reader.get_history("u1")) == {"a": 2.0, "b": 1.5}
+
+            # with the vector fields, a different read of the same user
+            _, _, vector = await reader.get_history("u1", with_vector=True)
+            assert vector is not None and vector.events == 1
+            await writer.apply_events([event("e2", "u1", "a", 1.0)])
+            _, _, vector = await reader.get_history("u1", with_vector=True)
+            assert vector.events == 2
+        finally:
+            await reader.close()
+            await writer.close()
+
+    asyncio.run(main())
+
+
+def test_own_writes_and_flushes(redis_url):
+    async def main():
+        store = await cached_store(redis_url)
+        try:
+            await store.get_history("u2")
+            await store.apply_events([event("e1", "u2", "x")])
+            assert items_of(await store.get_history("u2")) == {"x": 1.0}
+            redis.Redis.from_url(redis_url).flushall()
+            assert items_of(await store.get_history("u2")) == {}
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_an_invalidation_during_a_read_keeps_that_read_out_of_the_cache(redis_url):
+    async def main():
+        store = await cached_store(redis_url)
+        try:
+            read = asyncio.ensure_future(store.get_history("u3"))
+            await asyncio.sleep(0)  # sent; its reply has not been read
+            store.cache.invalidate("u3")
+            await read
+            misses = store.cache.misses
+            await store.get_history("u3")
+            assert store.cache.misses == misses + 1  # it was not kept
+            await store.get_history("u3")
+            assert store.cache.misses == misses + 1  # this one was
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_bounded_by_history_items(redis_url):
+    async def main():
+        writer = UserStore.from_url(redis_url)
+        store = await cached_store(redis_url, items=50)
+        try:
+            for user in range(10):
+                await writer.apply_events(
+                    [event(f"e{user}-{i}", f"big{user}", f"i{i}") for i in range(9)]
+                )
+            for user in range(10):
+                assert len(items_of(await store.get_history(f"big{user}"))) == 9
+            assert 0 < len(store.cache._entries) <= 5  # 1 + 9 items each
+            assert store.cache._size <= 50
+        finally:
+            await store.close()
+            await writer.close()
+
+    asyncio.run(main())
+
+
+def test_redis_restart_empties_the_cache_until_tracking_is_back(tmp_path):
+    own = EmbeddedRedis(tmp_path / "r").start()
+
+    async def main():
+        store = await cached_store(own.url)
+        writer = UserStore.from_url(own.url)
+        try:
+            await writer.apply_events([event("e1", "u4", "a")])
+            assert items_of(await store.get_history("u4")) == {"a": 1.0}
+            own.stop()
+            with pytest.raises((redis.RedisError, OSError)):
+                await store.get_history("u4")
+            assert not store.cache.ready and not store.cache._entries
+            own.start()  # same data dir: the AOF brings the state back
+            for _ in range(100):
+                try:
+                    await store.ping()
+                except (redis.RedisError, OSError):
+                    pass
+                if store.cache.ready:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.cache.ready
+            assert items_of(await store.get_history("u4")) == {"a": 1.0}
+            await writer.apply_events([event("e2", "u4", "b")])
+            assert items_of(await store.get_history("u4")) == {"a": 1.0, "b": 1.0}
+        finally:
+            await store.close()
+            await writer.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        own.stop()
+
+
+def test_off_when_sized_zero(redis_url):
+    async def main():
+        store = UserStore.from_url(redis_url, cache_items=0)
+        try:
+            await store.ping()
+            assert not store.cache.ready
+            await store.get_history("u5")
+            await store.get_history("u5")
+            assert store.cache.hits == 0
+        finally:
+            await store.close()
+
+    asyncio.run(main())
