@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import sys
 
+from recsvc import aio
+
 from .common import UsageError, check_target, install_stop_signals
 
 DEFAULT_MIX = "recommend=0.8,similar=0.1,feedback=0.1"
@@ -293,7 +295,7 @@ def _execute(coro_factory, args) -> dict:
         install_stop_signals(stop)
         return await coro_factory(stop)
 
-    return asyncio.run(main())
+    return aio.run(main())
 
 
 def _finish(report: dict, args, failed: bool) -> int:

@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Mapping
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from recsvc import aio
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -319,5 +320,5 @@ def main(args) -> int:
         reflect_lag_s=args.reflect_lag_ms / 1000.0,
         stream_drop_fraction=args.stream_drop_fraction,
     )
-    asyncio.run(serve(args.port, args.host, **variant))
+    aio.run(serve(args.port, args.host, **variant))
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recsvc import aio
 from recsvc.config import Settings
 
 log = logging.getLogger("recsvc")
@@ -187,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level.upper())
     if settings.workers > 1:
         return serve_workers(settings)
-    asyncio.run(serve(settings))
+    aio.run(serve(settings))
     return 0
 
 

@@ -193,7 +193,10 @@ def _parse_history(
     ZRANGEBYSCORE if ``has_cutoff``, then HMGET of the vector fields if
     ``with_vector``), and its size in items."""
     hist = replies[0]  # a map under RESP3 (redis-py's default), a flat list under RESP2
-    keys, values = (hist.keys(), hist.values()) if isinstance(hist, dict) else (hist[0::2], hist[1::2])
+    if isinstance(hist, dict):
+        keys, values = hist.keys(), hist.values()
+    else:
+        keys, values = hist[0::2], hist[1::2]
     items = [item.decode() for item in keys]
     weights = np.array(list(values)).astype(np.float64)  # float text, parsed in one call
     if has_cutoff and items:
