@@ -1,8 +1,10 @@
 """Side-by-side serving numbers for BENCHMARKS.md (issue: load-test clients).
 
     python benchmarks/serving_load.py --model models/gowalla [--duration 8] [--rounds 3]
+        [--warm-s 15] [--workers 1] [--channels 8]
 
-In one run, on this machine:
+In one run, on this machine, after --warm-s of load on each server (caches
+filled, as in steady state; --warm-s 0 measures from a cold start):
 1. closed loop, 64 in flight, Recommend only (k=20), alternating between the
    empty server (same message sizes: the ceiling of Python gRPC here) and
    `recsvc serve` with the model, `--rounds` times each; medians and ratio;
@@ -10,7 +12,8 @@ In one run, on this machine:
 3. StreamFeedback at a high target rate: acknowledged (durable) events/s;
 4. the freshness probe: feedback sent -> first Recommend reflecting it.
 The load client shares the 2 cores with the server, as the performance notes
-warn; numbers are medians of alternating runs for that reason.
+warn; numbers are medians of alternating runs for that reason. At the end it
+prints the server's user state cache hits and misses (warm-up included).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def main() -> None:
     parser.add_argument("--stream-rate", type=int, default=40_000)
     parser.add_argument("--strategy", default="cf", help="RECSVC_DEFAULT_STRATEGY of the server")
     parser.add_argument("--workers", type=int, default=1, help="recsvc serve --workers")
+    parser.add_argument("--warm-s", type=float, default=15.0,
+                        help="closed-loop load on each server before measuring (fills caches)")
     parser.add_argument("--channels", type=int, default=8,
                         help="client connections (SO_REUSEPORT spreads connections over workers)")
     args = parser.parse_args()
@@ -73,6 +78,10 @@ def main() -> None:
     common = ["--duration", str(args.duration), "--warmup", "1", "--mix", "recommend=1",
               "--users-from", str(args.model), "--k", "20", "--channels", str(args.channels)]  # fmt: skip
     try:
+        if args.warm_s > 0:
+            for port in ("50997", "50996"):
+                loadtest("run", "--target", f"127.0.0.1:{port}", "--concurrency", "64",
+                         *common, "--duration", str(args.warm_s))  # fmt: skip
         empty_rps, recsvc_rps, recsvc_p = [], [], []
         for _ in range(args.rounds):
             empty_rps.append(loadtest("run", "--target", "127.0.0.1:50997", "--concurrency", "64",
