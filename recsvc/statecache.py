@@ -43,7 +43,6 @@ from redis.exceptions import RedisError, ResponseError
 log = logging.getLogger(__name__)
 
 CHANNEL = b"__redis__:invalidate"
-MISSING = object()
 Command = tuple[Any, ...]
 
 
@@ -231,10 +230,13 @@ class StateCache:
             task.add_done_callback(lambda t: t.exception())  # nothing to do on failure
 
     async def close(self) -> None:
+        tracked, self._tracked = self._tracked, None
         self.ready = False  # quietly
         self._reset("closing")
         if self._sender is not None:
             self._sender.cancel()
+        if tracked is not None:
+            await tracked.disconnect()
 
     # -- invalidations -------------------------------------------------------------
 
@@ -296,6 +298,9 @@ class StateCache:
         try:
             replies = await self._read(commands)
         finally:
+            # invalidations that crossed our read in flight, applied while it
+            # still counts as in flight, so they mark it dirty
+            self._drain()
             dirty = user_id in self._dirty
             left = self._reading.pop(user_id) - 1
             if left:
@@ -303,8 +308,7 @@ class StateCache:
             else:
                 self._dirty.discard(user_id)
         value, size = parse(replies)
-        self._drain()  # invalidations that crossed our read in flight
-        if self.ready and epoch == self._epoch and not dirty and user_id not in self._dirty:
+        if self.ready and epoch == self._epoch and not dirty:
             self._put(user_id, variant, value, 1 + size)
         return value
 
