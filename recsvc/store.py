@@ -46,11 +46,12 @@ log = logging.getLogger(__name__)
 
 PREFIX = "recsvc:v1:"
 FEEDBACK_STREAM = PREFIX + "feedback"
+USER_PREFIX = PREFIX + "user:"
 
 
 def user_keys(user_id: str) -> tuple[str, str, str, str]:
     """The four per-user keys: (hist, recent, events, meta)."""
-    base = f"{PREFIX}user:{user_id}:"
+    base = f"{USER_PREFIX}{user_id}:"
     return base + "hist", base + "recent", base + "events", base + "meta"
 
 
@@ -227,7 +228,7 @@ class UserStore:
         self.client = client
         # reads of user state go through it: cached while Redis tracks them for
         # us (see recsvc.statecache), read over a pooled connection otherwise
-        self.cache = cache or StateCache(client, "", PREFIX + "user:", max_items=0)
+        self.cache = cache or StateCache(client, "", USER_PREFIX, max_items=0)
         self.history_cap = history_cap
         self.dedup_window = dedup_window
         self.ttl_s = ttl_s
@@ -248,7 +249,7 @@ class UserStore:
             retry_on_timeout=False,
             decode_responses=False,
         )
-        cache = StateCache(client, url, PREFIX + "user:", cache_items, timeout_s)
+        cache = StateCache(client, url, USER_PREFIX, cache_items, timeout_s)
         return cls(client, cache=cache, **kwargs)
 
     async def close(self) -> None:
@@ -265,7 +266,8 @@ class UserStore:
         self, user_id: str, since_ms: int = 0, with_vector: bool = False
     ) -> tuple[list[str], np.ndarray, CachedVector | None]:
         """The user's feedback history: item ids and summed weights, and with
-        ``with_vector`` their cached generator vector, in one round trip.
+        ``with_vector`` their cached generator vector, in one round trip (none
+        when this process's state cache has it).
 
         With ``since_ms``, only items with an event after that time: the model
         was trained on data up to then, so older feedback is already in it.
