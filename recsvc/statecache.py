@@ -16,10 +16,12 @@ Redis >= 6):
   invalidation Redis has sent is applied before we answer from the cache.
 
 Freshness across processes: Redis queues the invalidation while it runs the
-write, and writes it out in the same event-loop pass as the writer's reply,
-so it is on our socket long before the writer's ack can reach its client and
-come back here as a new call (many hops through Python). Writes this process
-makes itself drop the user at once. If either connection breaks, Redis stops
+write and writes it out in the same event-loop pass as the writer's reply, but
+not necessarily first. So a writer that needs read-your-writes through other
+processes' caches makes one more round trip after the write (any command, not
+pipelined with it) before it reports the write done: by that reply, Redis has
+put the invalidation on our socket (``UserStore.apply_events`` does this).
+Writes this process makes itself drop the user at once. If either connection breaks, Redis stops
 telling us about changes: the cache is emptied and bypassed until both are
 re-established (``check``, called by the health monitor).
 """

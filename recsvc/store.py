@@ -328,7 +328,23 @@ class UserStore:
             replies = await self._run_apply(events, now_ms)
         for user_id in {e.user_id for e in events}:  # this process knows it changed
             self.cache.invalidate(user_id)
+        await self._invalidation_fence()
         return [ApplyResult(bool(r[0]), float(r[1]), int(r[2])) for r in replies]
+
+    async def _invalidation_fence(self) -> None:
+        """Return only once Redis has sent every process's state cache the
+        invalidations of the write just made.
+
+        Redis queues them while it runs the write but may put the writer's reply
+        on the wire first, in the same event-loop pass; a command sent after
+        that reply arrived runs in a later pass, so by its reply the
+        invalidations are on the readers' sockets, and a reader drains its
+        socket before every lookup. Without this a caller could act on the ack
+        (in CI: the very next statement) before another process's cache heard
+        of the change. Pipelining the PING with the write would not do: Redis
+        would run both in the same pass.
+        """
+        await self.client.ping()
 
     async def _run_apply(self, events: Sequence[StoredEvent], now_ms: int) -> list:
         settings = (now_ms, self.ttl_s, self.history_cap, self.dedup_window, self.stream_maxlen)
