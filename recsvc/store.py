@@ -18,6 +18,7 @@ not at all, so a crash can never leave an event half-applied.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import ctypes
@@ -235,6 +236,8 @@ class UserStore:
         self.stream_maxlen = stream_maxlen
         self._script_sha = hashlib.sha1(APPLY_EVENTS_LUA.encode()).hexdigest()
         self._put_sha = hashlib.sha1(PUT_VECTOR_LUA.encode()).hexdigest()
+        self._fence_waiters: list[asyncio.Future[None]] = []
+        self._fence_task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(
@@ -343,8 +346,33 @@ class UserStore:
         (in CI: the very next statement) before another process's cache heard
         of the change. Pipelining the PING with the write would not do: Redis
         would run both in the same pass.
+
+        Concurrent writers share fences: every caller waits for a PING sent
+        after it asked, and one PING serves all who asked while the previous
+        one was out.
         """
-        await self.client.ping()
+        waiter = asyncio.get_running_loop().create_future()
+        self._fence_waiters.append(waiter)
+        if self._fence_task is None:
+            self._fence_task = asyncio.ensure_future(self._run_fences())
+        await waiter
+
+    async def _run_fences(self) -> None:
+        try:
+            while self._fence_waiters:
+                waiters, self._fence_waiters = self._fence_waiters, []
+                try:
+                    await self.client.ping()
+                except Exception as exc:  # each waiter's caller gets it
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                else:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
+        finally:
+            self._fence_task = None
 
     async def _run_apply(self, events: Sequence[StoredEvent], now_ms: int) -> list:
         settings = (now_ms, self.ttl_s, self.history_cap, self.dedup_window, self.stream_maxlen)
