@@ -45,6 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 log = logging.getLogger(__name__)
 
 CHANNEL = b"__redis__:invalidate"
+FEED_CLIENT_NAME = "recsvc-invalidations"  # the name our invalidation connections go by
 Command = tuple[Any, ...]
 
 
@@ -76,7 +77,7 @@ class _InvalidationFeed:
             username = [params["username"]] if params.get("username") else []
             self._call("AUTH", *username, params["password"])
         client_id = int(self._call("CLIENT", "ID"))
-        self._call("CLIENT", "SETNAME", "recsvc-invalidations")
+        self._call("CLIENT", "SETNAME", FEED_CLIENT_NAME)
         self._call("SUBSCRIBE", CHANNEL)
         sock.setblocking(False)
         return client_id
@@ -158,6 +159,7 @@ class StateCache:
         self._ping_outstanding = False
         self._unsupported = False
         self.ready = False
+        self.feed_client_id: int | None = None  # Redis's id of our invalidation connection
         self.hits = self.misses = self.invalidations = 0
 
     # -- connections -------------------------------------------------------------
@@ -183,6 +185,7 @@ class StateCache:
         else:
             asyncio.get_running_loop().add_reader(feed.fileno(), self._drain)
             self._feed, self._tracked = feed, tracked
+            self.feed_client_id = client_id
             self._ping_outstanding = False
             self._epoch += 1  # reads sent untracked before now must not be kept
             self.ready = True

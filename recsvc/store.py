@@ -41,7 +41,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from recsvc.statecache import StateCache
+from recsvc.statecache import FEED_CLIENT_NAME, StateCache
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,7 @@ class UserStore:
         self._put_sha = hashlib.sha1(PUT_VECTOR_LUA.encode()).hexdigest()
         self._fence_waiters: list[asyncio.Future[None]] = []
         self._fence_task: asyncio.Task[None] | None = None
+        self.fences = 0  # fence PINGs sent
 
     @classmethod
     def from_url(
@@ -325,13 +326,14 @@ class UserStore:
             return []
         now_ms = int(time.time() * 1000)
         try:
-            replies = await self._run_apply(events, now_ms)
+            replies, other_caches = await self._run_apply(events, now_ms)
         except NoScriptError:  # Redis restarted and lost its script cache
             await self.client.script_load(APPLY_EVENTS_LUA)
-            replies = await self._run_apply(events, now_ms)
+            replies, other_caches = await self._run_apply(events, now_ms)
         for user_id in {e.user_id for e in events}:  # this process knows it changed
             self.cache.invalidate(user_id)
-        await self._invalidation_fence()
+        if other_caches:
+            await self._invalidation_fence()
         return [ApplyResult(bool(r[0]), float(r[1]), int(r[2])) for r in replies]
 
     async def _invalidation_fence(self) -> None:
@@ -345,7 +347,9 @@ class UserStore:
         socket before every lookup. Without this a caller could act on the ack
         (in CI: the very next statement) before another process's cache heard
         of the change. Pipelining the PING with the write would not do: Redis
-        would run both in the same pass.
+        would run both in the same pass. Only needed while another process
+        caches state (see ``_other_caches``); with appendfsync always it costs
+        the ack one more fsync wait.
 
         Concurrent writers share fences: every caller waits for a PING sent
         after it asked, and one PING serves all who asked while the previous
@@ -362,6 +366,7 @@ class UserStore:
             while self._fence_waiters:
                 waiters, self._fence_waiters = self._fence_waiters, []
                 try:
+                    self.fences += 1
                     await self.client.ping()
                 except Exception as exc:  # each waiter's caller gets it
                     for waiter in waiters:
@@ -374,7 +379,10 @@ class UserStore:
         finally:
             self._fence_task = None
 
-    async def _run_apply(self, events: Sequence[StoredEvent], now_ms: int) -> list:
+    async def _run_apply(
+        self, events: Sequence[StoredEvent], now_ms: int
+    ) -> tuple[list[Any], bool]:
+        """The scripts' results, and whether another process may cache user state."""
         settings = (now_ms, self.ttl_s, self.history_cap, self.dedup_window, self.stream_maxlen)
         async with self.client.pipeline(transaction=False) as pipe:
             for start in range(0, len(events), SCRIPT_CHUNK):
@@ -382,8 +390,27 @@ class UserStore:
                 pipe.execute_command(
                     "EVALSHA", self._script_sha, 1, FEEDBACK_STREAM, *settings, PREFIX, chunk
                 )
-            replies = await pipe.execute(raise_on_error=True)
-        return [result for chunk_results in replies for result in chunk_results]
+            # in the same Redis pass as the writes: which caches could hold stale state
+            pipe.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+            *replies, listeners = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        results = [result for chunk_results in replies for result in chunk_results]
+        return results, self._other_caches(listeners)
+
+    def _other_caches(self, client_list: bytes | Exception) -> bool:
+        """Does a process other than this one listen for invalidations? A cache
+        that starts after this pass turns tracking on after the write, so it can
+        only read the new state. If Redis refuses CLIENT LIST, assume one does."""
+        if isinstance(client_list, Exception):
+            return True
+        own = self.cache.feed_client_id
+        marker = f" name={FEED_CLIENT_NAME} ".encode()
+        for line in client_list.splitlines():
+            if marker in line and line.split(b" ", 1)[0] != f"id={own}".encode():
+                return True
+        return False
 
 
 # --- reading the feedback log for training ---------------------------------------

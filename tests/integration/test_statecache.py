@@ -81,6 +81,31 @@ def test_every_acknowledged_write_is_seen_by_the_next_read_in_another_process(re
     asyncio.run(main())
 
 
+def test_writes_fence_only_while_another_process_caches(redis_url):
+    async def main():
+        store = await cached_store(redis_url)
+        try:
+            await store.apply_events([event("f1", "u8", "a")])
+            assert store.fences == 0  # alone: its own cache was invalidated locally
+            other = await cached_store(redis_url)
+            try:
+                await store.apply_events([event("f2", "u8", "a")])
+                assert store.fences == 1
+            finally:
+                await other.close()
+            plain = redis.Redis.from_url(redis_url)
+            for _ in range(200):  # until Redis has dropped the closed connection
+                if len(plain.client_list(_type="pubsub")) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            await store.apply_events([event("f3", "u8", "a")])
+            assert store.fences == 1
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
 def test_own_writes_and_flushes(redis_url):
     async def main():
         store = await cached_store(redis_url)
