@@ -11,6 +11,8 @@ filled, as in steady state; --warm-s 0 measures from a cold start):
 2. open loop at 50% and 90% of recsvc's median maximum: latency percentiles;
 3. StreamFeedback at a high target rate: acknowledged (durable) events/s;
 4. the freshness probe: feedback sent -> first Recommend reflecting it.
+With (1) it prints the CPU time each side spent per call (server processes,
+their Redis, the load client; from /proc, so Linux only).
 The load client shares the 2 cores with the server, as the performance notes
 warn; numbers are medians of alternating runs for that reason. At the end it
 prints the server's user state cache hits and misses (warm-up included).
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +54,49 @@ def loadtest(*args: str) -> dict:
     return json.loads(Path(report).read_text())
 
 
+def cpu_seconds(root: int) -> dict[str, float]:
+    """CPU time (user + system) of ``root`` and its descendants, by command name."""
+    parent, name, used = {}, {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            pid = int(entry)
+            name[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            parent[pid] = int(fields[1])
+            used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for pid in used:
+        ancestor = pid
+        while ancestor not in (root, 0, 1) and ancestor in parent:
+            ancestor = parent[ancestor]
+        if ancestor == root:
+            key = "redis" if name[pid].startswith("redis") else "server"
+            totals[key] = totals.get(key, 0.0) + used[pid]
+    return totals
+
+
+def measured_run(server: subprocess.Popen, costs: list, *args: str) -> dict:
+    """``loadtest run`` with the CPU each side spent per call (us) added to ``costs``."""
+    before, client_before = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    report = loadtest("run", *args)
+    after, client_after = cpu_seconds(server.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    calls = report["requests"] + report["warmup_requests"]
+    cost = {key: (after[key] - before.get(key, 0.0)) / calls * 1e6 for key in after}
+    client = client_after.ru_utime + client_after.ru_stime
+    cost["client"] = (client - client_before.ru_utime - client_before.ru_stime) / calls * 1e6
+    costs.append(cost)
+    return report
+
+
+def median_costs(costs: list[dict[str, float]]) -> str:
+    keys = sorted({key for cost in costs for key in cost}, key=["server", "redis", "client"].index)
+    return ", ".join(f"{k} {statistics.median(c.get(k, 0.0) for c in costs):.0f}" for k in keys)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -66,35 +113,38 @@ def main() -> None:
                         help="client connections (SO_REUSEPORT spreads connections over workers)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recsvc-load-"))
-    import os
-
     env = {**os.environ, "RECSVC_MODEL_WATCH_S": "0", "RECSVC_DEFAULT_STRATEGY": args.strategy}
     empty = start([sys.executable, "-m", "loadtest", "empty-server", "--port", "50997"],
                   work / "empty.log", "50997")  # fmt: skip
     server = start([sys.executable, "-m", "recsvc.cli", "serve", "--model", str(args.model),
                     "--port", "50996", "--host", "127.0.0.1", "--data-dir", str(work / "data"),
                     "--workers", str(args.workers)],
-                   work / "serve.log", "serving on port", env, args.workers)  # fmt: skip
-    common = ["--duration", str(args.duration), "--warmup", "1", "--mix", "recommend=1",
-              "--users-from", str(args.model), "--k", "20", "--channels", str(args.channels)]  # fmt: skip
+                   work / "serve.log", "serving on port", env,
+                   args.workers)  # fmt: skip
+    calls = ["--warmup", "1", "--mix", "recommend=1", "--users-from", str(args.model),
+             "--k", "20", "--channels", str(args.channels)]  # fmt: skip
+    common = ["--duration", str(args.duration), *calls]
     try:
         if args.warm_s > 0:
             for port in ("50997", "50996"):
                 loadtest("run", "--target", f"127.0.0.1:{port}", "--concurrency", "64",
-                         *common, "--duration", str(args.warm_s))  # fmt: skip
-        empty_rps, recsvc_rps, recsvc_p = [], [], []
+                         "--duration", str(args.warm_s), *calls)  # fmt: skip
+        empty_rps, recsvc_rps, empty_cost, recsvc_cost = [], [], [], []
         for _ in range(args.rounds):
-            empty_rps.append(loadtest("run", "--target", "127.0.0.1:50997", "--concurrency", "64",
-                                      *common)["ok_throughput_rps"])  # fmt: skip
-            r = loadtest("run", "--target", "127.0.0.1:50996", "--concurrency", "64", *common)
+            r = measured_run(empty, empty_cost, "--target", "127.0.0.1:50997",
+                             "--concurrency", "64", *common)  # fmt: skip
+            empty_rps.append(r["ok_throughput_rps"])
+            r = measured_run(server, recsvc_cost, "--target", "127.0.0.1:50996",
+                             "--concurrency", "64", *common)  # fmt: skip
             recsvc_rps.append(r["ok_throughput_rps"])
-            recsvc_p.append(r["latency_ms"])
         e, s = statistics.median(empty_rps), statistics.median(recsvc_rps)
         print(f"closed loop, 64 in flight, Recommend k=20, {args.rounds} alternating rounds "
               f"of {args.duration:.0f}s")  # fmt: skip
         print(f"  empty server: {[round(x) for x in empty_rps]} rps, median {e:.0f}")
         print(f"  recsvc ({args.strategy}): {[round(x) for x in recsvc_rps]} rps, median {s:.0f}")
         print(f"  ratio recsvc / empty: {s / e:.2f}")
+        print(f"  CPU per call (us, median), empty: {median_costs(empty_cost)}")
+        print(f"  CPU per call (us, median), recsvc: {median_costs(recsvc_cost)}")
         for share in (0.5, 0.9):
             rate = max(1, int(s * share))
             r = loadtest("run", "--target", "127.0.0.1:50996", "--rate", str(rate), *common)
@@ -105,9 +155,10 @@ def main() -> None:
         st = loadtest("stream", "--target", "127.0.0.1:50996", "--streams", "8", "--rate",
                       str(args.stream_rate), "--duration", str(args.duration))  # fmt: skip
         ev = st["events"]
-        print(f"  StreamFeedback, 8 streams, target {args.stream_rate}/s: acked {ev['acked_per_s']:.0f} "
-              f"events/s, unacked {ev.get('unacked')}, ack latency p50 "
-              f"{st['latency_ms']['p50']:.1f} ms p99 {st['latency_ms']['p99']:.1f} ms")  # fmt: skip
+        print(f"  StreamFeedback, 8 streams, target {args.stream_rate}/s: "
+              f"acked {ev['acked_per_s']:.0f} events/s, unacked {ev.get('unacked')}, "
+              f"ack latency p50 {st['latency_ms']['p50']:.1f} ms "
+              f"p99 {st['latency_ms']['p99']:.1f} ms")  # fmt: skip
         fr = loadtest("freshness", "--target", "127.0.0.1:50996", "--samples", "200",
                       "--users-from", str(args.model))  # fmt: skip
         f = fr.get("freshness_ms") or fr["latency_ms"]
