@@ -20,10 +20,12 @@ write and writes it out in the same event-loop pass as the writer's reply, but
 not necessarily first. So a writer that needs read-your-writes through other
 processes' caches makes one more round trip after the write (any command, not
 pipelined with it) before it reports the write done: by that reply, Redis has
-put the invalidation on our socket (``UserStore.apply_events`` does this).
-Writes this process makes itself drop the user at once. If either connection breaks, Redis stops
-telling us about changes: the cache is emptied and bypassed until both are
-re-established (``check``, called by the health monitor).
+put the invalidation on our socket. ``UserStore.apply_events`` does this
+whenever a connection named ``FEED_CLIENT_NAME`` other than its own process's
+is there. Writes this process makes itself drop the user at once. If either
+connection breaks, Redis stops telling us about changes: the cache is emptied
+and bypassed until both are re-established (``check``, called by the health
+monitor).
 """
 
 from __future__ import annotations
