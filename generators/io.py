@@ -45,11 +45,8 @@ _RUNTIME_KEYS = ("W1T", "b1", "W2_mu", "b2_mu", "Wd1", "bd1", "Wout", "bout", "W
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _atomic_write(directory: Path, name: str, write: Any) -> str:

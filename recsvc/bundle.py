@@ -70,11 +70,8 @@ class CFBundle:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_bundle(bundle: CFBundle, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
