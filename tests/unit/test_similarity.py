@@ -126,3 +126,31 @@ def test_normalised_knn_by_hand():
     assert s[0, 1] == pytest.approx(expected, rel=1e-5)
     rows = fit_normalised_knn(r, 10).toarray().sum(axis=1)
     np.testing.assert_allclose(rows, 1.0, rtol=1e-5)  # rownorm: each history item has one vote
+
+
+def test_keep_row_mass_keeps_the_largest_entries_up_to_the_share():
+    from recsvc.similarity import keep_row_mass
+
+    rows = [[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.0, 0.8]]
+    m = sp.csr_matrix(np.array(rows, dtype=np.float32))
+    # row 0: 0.5 alone is below 0.7 of the sum, 0.5 + 0.3 reaches it; row 1 stays empty
+    np.testing.assert_allclose(
+        keep_row_mass(m, 0.7).toarray(),
+        [[0.5, 0.3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0.8]],
+    )
+    assert keep_row_mass(m, 1.0).nnz == m.nnz
+    with pytest.raises(ValueError):
+        keep_row_mass(m, 0.0)
+
+
+def test_tuned_knn_prunes_rows_by_mass():
+    from recsvc.similarity import TUNED_KNN, fit_normalised_knn
+
+    rng = np.random.default_rng(5)
+    r = sp.csr_matrix((rng.random((200, 60)) < 0.15).astype(np.float32))
+    full = fit_normalised_knn(r, 50, **{**TUNED_KNN, "mass": 1.0})
+    pruned = fit_normalised_knn(r, 50, **TUNED_KNN)
+    assert 0 < pruned.nnz < full.nnz
+    sums = np.asarray(pruned.sum(axis=1)).ravel()
+    kept_rows = np.diff(full.indptr) > 0
+    assert (sums[kept_rows] >= TUNED_KNN["mass"] - 1e-5).all() and (sums <= 1 + 1e-5).all()
