@@ -234,7 +234,8 @@ class StateCache:
         if self._tracked is not None:
             tracked, self._tracked = self._tracked, None
             task = asyncio.get_running_loop().create_task(tracked.disconnect(nowait=True))
-            task.add_done_callback(lambda t: t.exception())  # nothing to do on failure
+            # retrieve the outcome so asyncio does not log it; nothing to do on failure
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
         tracked, self._tracked = self._tracked, None
