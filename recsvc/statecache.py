@@ -44,6 +44,8 @@ from redis.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from recsvc.aio import Coalescer
+
 log = logging.getLogger(__name__)
 
 CHANNEL = b"__redis__:invalidate"
@@ -153,8 +155,8 @@ class StateCache:
         self._size = 0
         self._feed: _InvalidationFeed | None = None
         self._tracked: Any = None  # a redis.asyncio Connection with tracking on
-        self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        # misses waiting now go to Redis together (the connection answers in order)
+        self._reads: Coalescer[Sequence[Command], list[Any]] = Coalescer(self._send)
         self._reading: dict[str, int] = {}  # reads in flight per user
         self._dirty: set[str] = set()  # invalidated while a read was in flight
         self._epoch = 0  # bumped by every reset and flush
@@ -241,8 +243,7 @@ class StateCache:
         tracked, self._tracked = self._tracked, None
         self.ready = False  # quietly
         self._reset("closing")
-        if self._sender is not None:
-            self._sender.cancel()
+        self._reads.cancel()
         if tracked is not None:
             await tracked.disconnect()
 
@@ -304,7 +305,7 @@ class StateCache:
         epoch = self._epoch
         self._reading[user_id] = self._reading.get(user_id, 0) + 1
         try:
-            replies = await self._read(commands)
+            replies = await self._reads.submit(commands)
         finally:
             # invalidations that crossed our read in flight, applied while it
             # still counts as in flight, so they mark it dirty
@@ -332,45 +333,21 @@ class StateCache:
             _, (_, _, dropped) = self._entries.popitem(last=False)
             self._size -= dropped
 
-    async def _read(self, commands: Sequence[Command]) -> list[Any]:
-        """Replies to ``commands``, sent with the other misses waiting now (one
-        batch on the wire at a time: the connection answers in order)."""
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((commands, future))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_queued())
-        return await future
-
-    async def _send_queued(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:256], self._queue[256:]
-                await self._send(batch)
-        finally:
-            self._sender = None
-
-    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
-        commands = [command for commands, _ in batch for command in commands]
-        try:
-            if self.ready:
-                replies = await self._round_trip_tracked(commands)
-            else:
-                try:
-                    replies = await self._round_trip_pooled(commands)
-                except RedisConnectionError:  # e.g. a pooled connection from before a restart
-                    replies = await self._round_trip_pooled(commands)
-        except BaseException as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        start = 0
-        for commands_, future in batch:
-            if not future.done():  # else the caller was cancelled
-                future.set_result(replies[start : start + len(commands_)])
-            start += len(commands_)
+    async def _send(self, batch: list[Sequence[Command]]) -> list[list[Any]]:
+        """Each read's replies, the reads sent as one pipeline."""
+        commands = [command for commands in batch for command in commands]
+        if self.ready:
+            replies = await self._round_trip_tracked(commands)
+        else:
+            try:
+                replies = await self._round_trip_pooled(commands)
+            except RedisConnectionError:  # e.g. a pooled connection from before a restart
+                replies = await self._round_trip_pooled(commands)
+        out, start = [], 0
+        for commands in batch:
+            out.append(replies[start : start + len(commands)])
+            start += len(commands)
+        return out
 
     async def _round_trip_tracked(self, commands: list[Command]) -> list[Any]:
         tracked = self._tracked

@@ -18,7 +18,6 @@ not at all, so a crash can never leave an event half-applied.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import ctypes
@@ -41,6 +40,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from recsvc.aio import Coalescer
 from recsvc.statecache import FEED_CLIENT_NAME, StateCache
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,7 @@ class UserStore:
         self.stream_maxlen = stream_maxlen
         self._script_sha = hashlib.sha1(APPLY_EVENTS_LUA.encode()).hexdigest()
         self._put_sha = hashlib.sha1(PUT_VECTOR_LUA.encode()).hexdigest()
-        self._fence_waiters: list[asyncio.Future[None]] = []
-        self._fence_task: asyncio.Task[None] | None = None
+        self._fences: Coalescer[None, None] = Coalescer(self._send_fence)
         self.fences = 0  # fence PINGs sent
 
     @classmethod
@@ -355,29 +354,12 @@ class UserStore:
         after it asked, and one PING serves all who asked while the previous
         one was out.
         """
-        waiter = asyncio.get_running_loop().create_future()
-        self._fence_waiters.append(waiter)
-        if self._fence_task is None:
-            self._fence_task = asyncio.ensure_future(self._run_fences())
-        await waiter
+        await self._fences.submit(None)
 
-    async def _run_fences(self) -> None:
-        try:
-            while self._fence_waiters:
-                waiters, self._fence_waiters = self._fence_waiters, []
-                try:
-                    self.fences += 1
-                    await self.client.ping()
-                except Exception as exc:  # each waiter's caller gets it
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_exception(exc)
-                else:
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_result(None)
-        finally:
-            self._fence_task = None
+    async def _send_fence(self, batch: list[None]) -> list[None]:
+        self.fences += 1
+        await self.client.ping()
+        return batch
 
     async def _run_apply(
         self, events: Sequence[StoredEvent], now_ms: int
