@@ -153,18 +153,22 @@ def test_backpressure_slows_a_fast_client_and_drops_nothing(make_server, redis_u
     for event in events:  # ~20 MB in all: more than gRPC's flow-control window can hold
         event.recommendation_id = "r" * 250
     with redis.Redis.from_url(redis_url) as admin:
-        admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # Redis stops taking writes
+        admin.execute_command("CLIENT", "PAUSE", "30000", "WRITE")  # Redis stops taking writes
         streamer = Streamer(server.stub, events)
         streamer.start()
-        time.sleep(1.5)  # long enough to fill every buffer on the way
-        sent_early = streamer.sent
-        time.sleep(1.0)
-        sent_late = streamer.sent
+        # the server stops reading: flow control holds the client where the buffers
+        # (the server's queue of stream_buffer events plus the HTTP/2 window) are full;
+        # wait until it has sent nothing for a second (filling them takes ~1 s, more
+        # on a busy machine)
+        readings = [-2, -1]
+        deadline = time.monotonic() + 20
+        while readings[-1] != readings[-2] and time.monotonic() < deadline:
+            time.sleep(1.0)
+            readings.append(streamer.sent)
         acked_while_paused = len(streamer.acked)
-    # the server stopped reading: flow control holds the client where the buffers
-    # (the server's queue of stream_buffer events plus the HTTP/2 window) are full
+        admin.execute_command("CLIENT", "UNPAUSE")
     assert acked_while_paused == 0
-    assert sent_late == sent_early < len(events), (sent_early, sent_late)
+    assert readings[-1] == readings[-2] < len(events), readings
     streamer.join(60)
     assert streamer.error is None
     assert sorted(streamer.acked) == sorted(e.event_id for e in events)
