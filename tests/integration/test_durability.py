@@ -113,7 +113,9 @@ def test_kill_9_during_a_stream_loses_no_acked_event_and_counts_none_twice(tmp_p
 def test_redis_killed_and_restarted_during_a_stream(make_server, tmp_path):
     own_redis = EmbeddedRedis(tmp_path / "r").start()
     try:
-        server = make_server(redis_url=own_redis.url, redis_timeout_s=0.2)
+        # 1 s: an fsync can stall for a few hundred ms while the disk flushes other writes
+        # (in CI, the packages just installed); a kill is seen at once (the socket closes)
+        server = make_server(redis_url=own_redis.url, redis_timeout_s=1.0)
         events = [make_event(i) for i in range(20_000)]
         streamer = Streamer(server.stub, events, pause_every=200)
         streamer.start()
