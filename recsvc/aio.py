@@ -55,6 +55,7 @@ class Coalescer(Generic[T, R]):
         """Stop sending; every caller still waiting gets CancelledError."""
         if self._sender is not None:
             self._sender.cancel()  # its batch in flight is cancelled by _send_batch
+            self._sender = None  # a later submit starts a new one
         for _, future in self._queue:  # the sender may not have started yet
             future.cancel()
         self._queue.clear()
@@ -66,7 +67,8 @@ class Coalescer(Generic[T, R]):
                 del self._queue[: self._max_batch]
                 await self._send_batch(batch)
         finally:
-            self._sender = None
+            if self._sender is asyncio.current_task():  # not replaced since cancel()
+                self._sender = None
 
     async def _send_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

@@ -50,10 +50,14 @@ def test_batches_are_capped_and_errors_reach_every_caller_of_their_batch():
 
 
 @pytest.mark.parametrize("steps_before_cancel", [1, 3])  # sender not started / in flight
-def test_cancel_fails_every_waiting_caller(steps_before_cancel):
+def test_cancel_fails_every_waiting_caller_and_later_requests_still_go(steps_before_cancel):
     async def main():
+        calls = []
+
         async def send(batch):
-            await asyncio.sleep(10)
+            calls.append(batch)
+            if len(calls) == 1:
+                await asyncio.sleep(10)  # the first batch hangs until cancelled
             return batch
 
         coalescer = Coalescer(send)
@@ -63,5 +67,7 @@ def test_cancel_fails_every_waiting_caller(steps_before_cancel):
         coalescer.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiting, 5)
+        calls.append("cancelled")  # the next send returns at once, whether or not [1] was sent
+        assert await asyncio.wait_for(coalescer.submit(2), 5) == 2
 
     asyncio.run(main())
