@@ -112,26 +112,37 @@ def fit_normalised_knn(
         similarity = (sp.diags(inverse.astype(np.float32)) @ similarity).tocsr()
     similarity.eliminate_zeros()
     if mass < 1.0:
-        similarity = keep_row_mass(similarity, mass)
+        return keep_row_mass(similarity, mass)
     similarity.sort_indices()
     return similarity
+
+
+def _largest_first(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Each stored entry's row, and the entries' order by row, largest value first
+    within a row."""
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    return rows, np.lexsort((-matrix.data, rows))
+
+
+def _entries(matrix: sp.csr_matrix, rows: np.ndarray, keep: np.ndarray) -> sp.csr_matrix:
+    """A CSR matrix of ``matrix``'s shape with only the entries at positions ``keep``."""
+    kept = sp.csr_matrix(
+        (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape
+    )
+    kept.sort_indices()
+    return kept
 
 
 def keep_top_k_per_row(matrix: sp.csr_matrix, k: int) -> sp.csr_matrix:
     """A copy of ``matrix`` with only the ``k`` largest entries of each row, sorted indices."""
     matrix = sp.csr_matrix(matrix)
     lengths = np.diff(matrix.indptr)
-    if lengths.max(initial=0) > k:
-        rows = np.repeat(np.arange(matrix.shape[0]), lengths)
-        # sort by (row, -value): the first k entries of each row are its largest
-        order = np.lexsort((-matrix.data, rows))
-        rank = np.arange(matrix.nnz) - np.repeat(matrix.indptr[:-1], lengths)
-        keep = order[rank < k]
-        matrix = sp.csr_matrix(
-            (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape
-        )
-    matrix.sort_indices()
-    return matrix
+    if lengths.max(initial=0) <= k:
+        matrix.sort_indices()
+        return matrix
+    rows, order = _largest_first(matrix)
+    rank = np.arange(matrix.nnz) - np.repeat(matrix.indptr[:-1], lengths)
+    return _entries(matrix, rows, order[rank < k])
 
 
 def keep_row_mass(matrix: sp.csr_matrix, mass: float) -> sp.csr_matrix:
@@ -141,20 +152,14 @@ def keep_row_mass(matrix: sp.csr_matrix, mass: float) -> sp.csr_matrix:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
     matrix = sp.csr_matrix(matrix)
     lengths = np.diff(matrix.indptr)
-    rows = np.repeat(np.arange(matrix.shape[0]), lengths)
-    order = np.lexsort((-matrix.data, rows))  # by row, largest first within a row
+    rows, order = _largest_first(matrix)
     values = matrix.data[order].astype(np.float64)
     # running sums from the start of the matrix; a row's own are those minus its start
     running = np.concatenate([[0.0], np.cumsum(values)])
     at_row_start = running[matrix.indptr]
     before = running[:-1] - np.repeat(at_row_start[:-1], lengths)
     row_total = np.repeat(np.diff(at_row_start), lengths)
-    keep = order[before < mass * row_total]
-    pruned = sp.csr_matrix(
-        (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape
-    )
-    pruned.sort_indices()
-    return pruned
+    return _entries(matrix, rows, order[before < mass * row_total])
 
 
 def gather_rows(

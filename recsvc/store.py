@@ -387,10 +387,10 @@ class UserStore:
         only read the new state. If Redis refuses CLIENT LIST, assume one does."""
         if isinstance(client_list, Exception):
             return True
-        own = self.cache.feed_client_id
+        own = f"id={self.cache.feed_client_id}".encode()
         marker = f" name={FEED_CLIENT_NAME} ".encode()
         for line in client_list.splitlines():
-            if marker in line and line.split(b" ", 1)[0] != f"id={own}".encode():
+            if marker in line and line.split(b" ", 1)[0] != own:
                 return True
         return False
 
