@@ -26,7 +26,7 @@ import numpy as np
 from recsvc.bundle import load_bundle
 from recsvc.config import Settings
 from recsvc.engine import Engine, load_model
-from recsvc.feedback import FeedbackEvent
+from recsvc.state.feedback import FeedbackEvent
 from recsvc.store import EmbeddedRedis, UserStore
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc

@@ -26,11 +26,17 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "remove_from_cart": -2.0,
 }
 
+# Hard bounds on what the settings may allow: a user's summed weight stays far
+# from float overflow (Redis refuses a HINCRBYFLOAT that gives inf).
+MAX_EVENT_VALUE = 1e9
+MAX_EVENT_WEIGHT = 1e6
+
 
 class Settings(BaseSettings):
     """Service settings; each field can be set by ``RECSVC_<FIELD>`` or a CLI flag."""
 
-    model_config = SettingsConfigDict(env_prefix="RECSVC_", extra="ignore")
+    # allow_inf_nan=False: no float setting may be NaN or infinite
+    model_config = SettingsConfigDict(env_prefix="RECSVC_", extra="ignore", allow_inf_nan=False)
 
     # Serving
     model: Path | None = Field(None, description="model bundle directory")
@@ -82,7 +88,24 @@ class Settings(BaseSettings):
     )
     user_ttl_s: int = Field(30 * 86400, ge=1, description="idle user state expires after this")
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    rating_midpoint: float = Field(3.0, description="ratings above it are positive")
+    rating_midpoint: float = Field(
+        3.0, ge=-MAX_EVENT_VALUE, le=MAX_EVENT_VALUE, description="ratings above it are positive"
+    )
+    max_event_value: float = Field(
+        MAX_EVENT_VALUE, gt=0, le=MAX_EVENT_VALUE,
+        description="largest |value| a feedback event may carry (a rating, say)",
+    )  # fmt: skip
+    max_event_weight: float = Field(
+        1000.0, gt=0, le=MAX_EVENT_WEIGHT,
+        description="largest |weight| one feedback event may add to a user's state, after "
+        "weighting (type weight, times value - rating_midpoint for ratings)",
+    )  # fmt: skip
+    max_event_age_s: int = Field(
+        10 * 366 * 86400, ge=1, description="oldest event timestamp accepted, before now"
+    )
+    max_event_skew_s: int = Field(
+        86400, ge=0, description="latest event timestamp accepted, after now (client clocks)"
+    )
     stream_maxlen: int = Field(
         0, ge=0, description="approximate cap on the feedback stream (0: no cap)"
     )
@@ -105,6 +128,11 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(
                 f"unknown event types {sorted(unknown)}; known: {sorted(DEFAULT_EVENT_WEIGHTS)}"
+            )
+        out_of_range = {k: w for k, w in value.items() if not abs(w) <= MAX_EVENT_WEIGHT}
+        if out_of_range:
+            raise ValueError(
+                f"event weights must be finite and within +-{MAX_EVENT_WEIGHT:g}: {out_of_range}"
             )
         return {**DEFAULT_EVENT_WEIGHTS, **value}
 

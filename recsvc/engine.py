@@ -16,14 +16,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from redis.exceptions import RedisError
 
 from recsvc.bundle import load_bundle
 from recsvc.config import Settings
-from recsvc.errors import InvalidArgument, NotFound, Unavailable
-from recsvc.feedback import FeedbackEvent, describe_problems, to_stored
+from recsvc.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from recsvc.similarity import CFModel
-from recsvc.store import ApplyResult, CachedVector, StoredEvent, UserStore
+from recsvc.state.feedback import FeedbackEvent, describe_problems, id_problem, to_stored
+from recsvc.store import (
+    ApplyResult,
+    CachedVector,
+    StoredEvent,
+    StoreError,
+    StoreFull,
+    StoreRequestError,
+    StoreUnavailable,
+    UserStore,
+)
 
 if TYPE_CHECKING:
     from recsvc.generate import GeneratorModel
@@ -147,7 +155,7 @@ class Engine:
         """Ping Redis and remember the outcome (the health monitor calls this)."""
         try:
             await self.store.ping()
-        except (RedisError, OSError) as exc:
+        except StoreError as exc:  # whatever it is, a failed PING means not serving
             self._mark_store_down(exc)
         else:
             if not self.store_available:
@@ -156,18 +164,33 @@ class Engine:
         return self.store_available
 
     def _mark_store_down(self, exc: BaseException) -> None:
+        """Only for :class:`StoreUnavailable` (and failed health probes): this
+        degrades every call until the next probe finds Redis again."""
         if self.store_available:
             log.warning("redis unavailable: %s", exc)
         self.store_available = False
-        self.store_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self.store_error = str(exc) or type(exc).__name__
+
+    def _store_failed(self, exc: StoreError, doing: str) -> Exception:
+        """The error to raise for a store call that failed for this request only
+        (:class:`StoreUnavailable` is handled by the callers: it marks the store down)."""
+        if isinstance(exc, StoreFull):
+            return ResourceExhausted(
+                f"user state store is out of memory ({exc}); {doing} failed, retry later"
+            )
+        if isinstance(exc, StoreRequestError):
+            return Internal(
+                f"{doing} failed in the user state store (error id {exc.error_id}, logged "
+                "by the server); nothing else is affected"
+            )
+        return Internal(f"{doing} failed: {exc}")
 
     # -- validation -----------------------------------------------------------
 
     def _check_id(self, name: str, value: str) -> None:
-        if not value:
-            raise InvalidArgument(f"{name} is empty")
-        if len(value) > self.settings.max_id_length:
-            raise InvalidArgument(f"{name} is longer than {self.settings.max_id_length} characters")
+        problem = id_problem(name, value, self.settings.max_id_length)
+        if problem:
+            raise InvalidArgument(problem)
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.settings.max_k:
@@ -201,8 +224,10 @@ class Engine:
                 feedback_ids, feedback_weights, cached = await self.store.get_history(
                     user_id, model.data_until_ms, with_vector
                 )
-            except (RedisError, OSError) as exc:
+            except StoreUnavailable as exc:
                 self._mark_store_down(exc)
+            except StoreError as exc:
+                raise self._store_failed(exc, "reading the user's state") from exc
         if not self.store_available:
             degraded = f"user state store unavailable ({self.store_error}); served from the model"
         if not feedback_ids:
@@ -233,8 +258,10 @@ class Engine:
                 await self.store.put_vector(
                     user_id, cached.events, state.to_bytes(), generator.version
                 )
-            except (RedisError, OSError) as exc:
+            except StoreUnavailable as exc:
                 self._mark_store_down(exc)
+            except StoreError as exc:  # only a cache of derived data: serve without it
+                log.warning("user vector not cached: %s", exc)
         return mu
 
     def _strategy(self, model: CFModel, strategy: str) -> str:
@@ -436,11 +463,13 @@ class Engine:
         model = self.model
         try:
             stored = await self.store.get_state(user_id)
-        except (RedisError, OSError) as exc:
+        except StoreUnavailable as exc:
             self._mark_store_down(exc)
             raise Unavailable(
                 f"user state store unavailable ({self.store_error}); retry shortly"
             ) from exc
+        except StoreError as exc:
+            raise self._store_failed(exc, "reading the user's state") from exc
         train_items, train_weights = model.training_history(user_id)
         weights = dict(
             zip((model.items.ids[i] for i in train_items), train_weights.tolist(), strict=True)
@@ -495,12 +524,18 @@ class Engine:
         model = self.model
         try:
             results = await self.store.apply_events(stored)
-        except (RedisError, OSError) as exc:
+        except StoreUnavailable as exc:
             self._mark_store_down(exc)
             raise Unavailable(
                 f"user state store unavailable ({self.store_error}); feedback not acknowledged, "
                 "retry (resending the same event ids is safe)"
             ) from exc
+        except StoreRequestError as exc:
+            if exc.invalid:  # the store's own check refused what validation let through
+                raise InvalidArgument(f"feedback refused by the store: {exc}") from exc
+            raise self._store_failed(exc, "writing feedback") from exc
+        except StoreError as exc:
+            raise self._store_failed(exc, "writing feedback") from exc
         if model.generator is not None:
             # derived data: updated after the ack; a read that finds it behind re-encodes
             task = asyncio.create_task(self._update_vectors(model, stored, results))
@@ -546,5 +581,5 @@ class Engine:
                 await self.store.put_vector(
                     user, updates[-1][3], state.to_bytes(), generator.version
                 )
-        except (RedisError, OSError) as exc:
+        except StoreError as exc:
             log.info("user vectors not updated (%s); they are re-encoded on the next read", exc)

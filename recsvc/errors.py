@@ -28,3 +28,10 @@ class ResourceExhausted(RecsvcError):
 
 class FailedPrecondition(RecsvcError):
     code = "FAILED_PRECONDITION"
+
+
+class Internal(RecsvcError):
+    """A failure that is neither the caller's fault nor a store outage; the
+    message carries an error id that the server log has too."""
+
+    code = "INTERNAL"

@@ -22,11 +22,10 @@ from recsvc.bundle import BundleError, read_manifest
 from recsvc.config import Settings, redact_url
 from recsvc.engine import Engine, load_model
 from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, RecsvcError
-from recsvc.service import RecommenderServicer
+from recsvc.service import RecommenderServicer, add_servicer
 from recsvc.similarity import CFModel
 from recsvc.store import EmbeddedRedis, UserStore, die_with_parent, free_port
 from recsvc.v1 import recommender_pb2 as pb
-from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +97,7 @@ class RecsvcServer:
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ]
         )
-        pb_grpc.add_RecommenderServicer_to_server(
-            RecommenderServicer(self.engine, settings, self.reload_model), server
-        )
+        add_servicer(RecommenderServicer(self.engine, settings, self.reload_model), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

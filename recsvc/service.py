@@ -9,10 +9,14 @@ import asyncio
 import functools
 import json
 import logging
+import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from recsvc.config import Settings
@@ -25,9 +29,9 @@ from recsvc.engine import (
     STRATEGY_GENERATOR,
     Engine,
 )
-from recsvc.errors import InvalidArgument, RecsvcError, Unavailable
-from recsvc.feedback import FeedbackEvent, event_problems
+from recsvc.errors import InvalidArgument, RecsvcError
 from recsvc.similarity import CFModel
+from recsvc.state.feedback import FeedbackEvent, event_problems
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -49,12 +53,60 @@ EVENT_TYPES = {v.number: v.name.lower() for v in pb.EventType.DESCRIPTOR.values 
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """A request message whose bytes did not parse (bad UTF-8 in a string field,
+    a truncated field...). Handed to the servicer instead of failing inside
+    gRPC, which would answer UNKNOWN, or end a feedback stream without a word."""
+
+    error: str
+
+
+def _lenient_parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Malformed(str(exc))
+
+    return parse
+
+
+def add_servicer(servicer: RecommenderServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated ``add_RecommenderServicer_to_server``,
+    but with parsers that turn an unparsable message into :class:`Malformed`."""
+    service = pb.DESCRIPTOR.services_by_name["Recommender"]
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming and method.server_streaming:
+            make_handler = grpc.stream_stream_rpc_method_handler
+        elif not (method.client_streaming or method.server_streaming):
+            make_handler = grpc.unary_unary_rpc_method_handler
+        else:
+            raise NotImplementedError(f"{method.full_name}: only unary and bidi calls are served")
+        handlers[method.name] = make_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def _status_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn :class:`RecsvcError` into the matching gRPC status with its message."""
+    """Turn :class:`RecsvcError` into the matching gRPC status with its message,
+    and a :class:`Malformed` request into INVALID_ARGUMENT."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(
+                    f"malformed {method.__name__} request: {request.error} (string fields "
+                    "must be valid UTF-8)"
+                )
             return await method(self, request, context)
         except RecsvcError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
@@ -196,6 +248,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             maxsize=self.settings.stream_buffer
         )
 
+        read_error: list[str] = []
+
         async def read() -> None:
             index = 0
             try:
@@ -204,6 +258,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     index += 1
             except grpc.RpcError:
                 pass  # the client went away; what was read is still written and acked
+            except Exception as exc:  # never leave the writer below waiting for events
+                error_id = os.urandom(6).hex()
+                log.exception("reading a feedback stream failed (error id %s)", error_id)
+                read_error.append(f"reading the stream failed (error id {error_id}): {exc}")
             await queue.put(None)  # not reached when cancelled: nobody is waiting then
 
         reader = asyncio.create_task(read())
@@ -219,9 +277,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 if batch:
                     try:
                         ack = await self._apply_stream_batch(batch)  # type: ignore[arg-type]
-                    except Unavailable as exc:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                    except RecsvcError as exc:  # the batch is not acked: the client resends it
+                        await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
                     yield ack
+            if read_error:  # what was read before it is acked above; the rest is not
+                await context.abort(grpc.StatusCode.INTERNAL, read_error[0])
         finally:
             reader.cancel()
 
@@ -230,9 +290,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     ) -> pb.FeedbackAck:
         ack = pb.FeedbackAck()
         valid: list[FeedbackEvent] = []
+        now_ms = int(time.time() * 1000)
         for index, message in batch:
+            if isinstance(message, Malformed):
+                reason = f"malformed message: {message.error} (strings must be valid UTF-8)"
+                ack.rejected.add(index=index, reason=reason)
+                continue
             event = event_from_proto(message)
-            problems = event_problems(event, self.settings)
+            problems = event_problems(event, self.settings, now_ms)
             if problems:
                 ack.rejected.add(event_id=event.event_id, index=index, reason="; ".join(problems))
             else:

@@ -178,9 +178,11 @@ def test_backpressure_slows_a_fast_client_and_drops_nothing(make_server, redis_u
 
 
 def test_duplicates_and_out_of_order_events(server, redis_url):
+    base = (int(time.time()) - 3600) * 1000  # timestamps must lie near now
+
     def at(event_id, ms, item="a1"):
         event = pb.FeedbackEvent(event_id=event_id, user_id="ooo", item_id=item, type=pb.CLICK)
-        event.timestamp.FromMilliseconds(ms)
+        event.timestamp.FromMilliseconds(base + ms)
         return event
 
     events = [at("late", 3_000), at("early", 1_000), at("late", 3_000), at("mid", 2_000, "a2")]
@@ -188,8 +190,8 @@ def test_duplicates_and_out_of_order_events(server, redis_url):
     assert [e for a in acks for e in a.duplicate_event_ids] == ["late"]
     state = server.stub.GetUserState(pb.GetUserStateRequest(user_id="ooo"))
     assert [(h.item_id, h.weight, h.last_event.ToMilliseconds()) for h in state.history] == [
-        ("a1", 4.0, 3_000),  # the latest time wins whatever the arrival order
-        ("a2", 2.0, 2_000),
+        ("a1", 4.0, base + 3_000),  # the latest time wins whatever the arrival order
+        ("a2", 2.0, base + 2_000),
     ]
     assert state.event_count == 3
     assert logged_event_ids(redis_url) == ["late", "early", "mid"]

@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 import threading
+import time
 
 import grpc
 import pytest
@@ -64,7 +65,8 @@ def test_feedback_reaches_the_next_model_and_hot_reload(
         stub.SimilarItems(pb.SimilarItemsRequest(item_id="new-sku", k=3))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     # users who buy a1 also buy a brand-new item
-    events = [purchase(f"n{u}", f"u{u}", "new-sku", ms=1_800_000_000_000) for u in range(6)]
+    event_ms = int(time.time() * 1000) - 60_000  # after the training log's 2026-01-01
+    events = [purchase(f"n{u}", f"u{u}", "new-sku", ms=event_ms) for u in range(6)]
     stub.SendFeedback(pb.SendFeedbackRequest(events=events))
     weight_before = {h.item_id: h.weight for h in
                      stub.GetUserState(pb.GetUserStateRequest(user_id="u1")).history}["new-sku"]  # fmt: skip
@@ -76,7 +78,7 @@ def test_feedback_reaches_the_next_model_and_hot_reload(
                         str(feedback), "--out", str(models / "next"), "--quiet",
                         "--neighbours", "20"]) == 0  # fmt: skip
     manifest = read_manifest(models / "next")
-    assert manifest["params"]["data_until_ms"] == 1_800_000_000_000
+    assert manifest["params"]["data_until_ms"] == event_ms
 
     # load while calls are running: none may fail
     failures, calls, stop = [], [0], threading.Event()

@@ -1,4 +1,4 @@
-"""The per-process user state cache (recsvc.statecache) against a real Redis:
+"""The per-process user state cache (recsvc.store.statecache) against a real Redis:
 it answers repeated reads itself, and never answers with state that Redis has
 since changed, whoever changed it."""
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis
 
-from recsvc.store import EmbeddedRedis, StoredEvent, UserStore, user_keys
+from recsvc.store import EmbeddedRedis, StoredEvent, StoreUnavailable, UserStore, user_keys
 
 pytestmark = pytest.mark.integration
 
@@ -181,14 +181,14 @@ def test_redis_restart_empties_the_cache_until_tracking_is_back(tmp_path):
             await writer.apply_events([event("e1", "u4", "a")])
             assert items_of(await store.get_history("u4")) == {"a": 1.0}
             own.stop()
-            with pytest.raises((redis.RedisError, OSError)):
+            with pytest.raises(StoreUnavailable):
                 await store.get_history("u4")
             assert not store.cache.ready and not store.cache._entries
             own.start()  # same data dir: the AOF brings the state back
             for _ in range(100):
                 try:
                     await store.ping()
-                except (redis.RedisError, OSError):
+                except StoreUnavailable:
                     pass
                 if store.cache.ready:
                     break

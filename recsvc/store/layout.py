@@ -1,0 +1,117 @@
+"""The Redis key layout and the scripts that write it (format v1, ``docs/redis-format.md``).
+
+This module is the only place that builds keys. All keys share the versioned
+prefix ``recsvc:v1:``. Per user ``{u}`` (the external user id, verbatim):
+
+* ``recsvc:v1:user:{u}:hist``   HASH  item id -> summed feedback weight (float text)
+* ``recsvc:v1:user:{u}:recent`` ZSET  item id -> last event time (ms); caps the history
+* ``recsvc:v1:user:{u}:events`` ZSET  event id -> receive time (ms); idempotency window
+* ``recsvc:v1:user:{u}:meta``   HASH  ``updated_ms``, ``events`` (count)
+
+and one stream ``recsvc:v1:feedback``: the durable feedback log.
+
+Each event is applied by a Lua script, atomically: the duplicate check, the
+history update and cap, the TTLs and the XADD to the log happen together or
+not at all, so a crash can never leave an event half-applied.
+"""
+
+from __future__ import annotations
+
+PREFIX = "recsvc:v1:"
+FEEDBACK_STREAM = PREFIX + "feedback"
+USER_PREFIX = PREFIX + "user:"
+
+
+def user_keys(user_id: str) -> tuple[str, str, str, str]:
+    """The four per-user keys: (hist, recent, events, meta)."""
+    base = f"{USER_PREFIX}{user_id}:"
+    return base + "hist", base + "recent", base + "events", base + "meta"
+
+
+# Applies a chunk of events in order, each atomically (the script as a whole is).
+# KEYS[1]: the feedback stream. ARGV: now_ms, ttl_s, history_cap, dedup_window,
+# stream_maxlen, key prefix, then a JSON array of events, each
+# [event_id, user_id, item_id, type, value, weight, ts_ms, recommendation_id]
+# (all strings). Returns per event {1, new_weight, events} when applied, or
+# {0, current_weight, events} for a duplicate event id; ``events`` is the
+# user's applied-event count after it (the version of their state).
+#
+# The server validates events before they get here (recsvc.state.feedback);
+# the first loop checks the numbers again before anything is written, so a bad
+# event that slipped through fails its chunk whole (an error reply starting
+# with "RECSVC_INVALID") instead of failing half-way: Redis does not roll back
+# a script's earlier writes when a later command errors.
+# Per-user keys are built inside the script, so it needs a single Redis
+# (not Redis Cluster); one JSON argument keeps the client's packing cost per
+# event tiny, which is where the time went with one call per event.
+APPLY_EVENTS_LUA = """
+local stream = KEYS[1]
+local now_ms, ttl = ARGV[1], tonumber(ARGV[2])
+local history_cap, dedup_window = tonumber(ARGV[3]), tonumber(ARGV[4])
+local maxlen, prefix = tonumber(ARGV[5]), ARGV[6]
+local events = cjson.decode(ARGV[7])
+local function finite(text)
+  local x = tonumber(text)
+  return x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
+end
+for n, ev in ipairs(events) do
+  if not (finite(ev[5]) and finite(ev[6]) and finite(ev[7])) then
+    return redis.error_reply('RECSVC_INVALID event ' .. n .. ' (id ' .. ev[1] ..
+                             '): value, weight and timestamp must be finite numbers')
+  end
+end
+local results = {}
+for n, ev in ipairs(events) do
+  local event_id, item = ev[1], ev[3]
+  local base = prefix .. 'user:' .. ev[2] .. ':'
+  local hist, recent = base .. 'hist', base .. 'recent'
+  local seen, meta = base .. 'events', base .. 'meta'
+  if redis.call('ZSCORE', seen, event_id) then
+    results[n] = {0, redis.call('HGET', hist, item) or '0',
+                  redis.call('HGET', meta, 'events') or '0'}
+  else
+    redis.call('ZADD', seen, now_ms, event_id)
+    local n_seen = redis.call('ZCARD', seen)
+    if n_seen > dedup_window then
+      redis.call('ZREMRANGEBYRANK', seen, 0, n_seen - dedup_window - 1)
+    end
+    local weight = redis.call('HINCRBYFLOAT', hist, item, ev[6])
+    redis.call('ZADD', recent, 'GT', ev[7], item)
+    local n_items = redis.call('ZCARD', recent)
+    if n_items > history_cap then
+      local dropped = redis.call('ZPOPMIN', recent, n_items - history_cap)
+      for i = 1, #dropped, 2 do redis.call('HDEL', hist, dropped[i]) end
+      redis.call('HDEL', meta, 'vec')  -- the cached vector no longer matches the history
+    end
+    redis.call('HSET', meta, 'updated_ms', now_ms)
+    local events_now = redis.call('HINCRBY', meta, 'events', 1)
+    redis.call('EXPIRE', hist, ttl)
+    redis.call('EXPIRE', recent, ttl)
+    redis.call('EXPIRE', seen, ttl)
+    redis.call('EXPIRE', meta, ttl)
+    local fields = {'event_id', event_id, 'user_id', ev[2], 'item_id', item, 'type', ev[4],
+                    'value', ev[5], 'weight', ev[6], 'ts_ms', ev[7], 'recommendation_id', ev[8]}
+    if maxlen > 0 then
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    else
+      redis.call('XADD', stream, '*', unpack(fields))
+    end
+    results[n] = {1, weight, events_now}
+  end
+end
+return results
+"""
+
+# Stores a user's vector only if no event was applied since it was computed.
+# KEYS[1]: meta. ARGV: events (the count the vector reflects), blob, model version.
+PUT_VECTOR_LUA = """
+if tonumber(redis.call('HGET', KEYS[1], 'events') or '0') ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'vec_events', ARGV[1], 'vec_model', ARGV[3])
+return 1
+"""
+
+# Events per script call: bounds how long one call blocks Redis (about 20 us
+# per event), so Recommend reads are not stuck behind a large feedback batch.
+SCRIPT_CHUNK = 100

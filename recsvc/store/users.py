@@ -1,0 +1,305 @@
+"""Per-user state and the feedback log in one Redis: :class:`UserStore`."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from recsvc.aio import Coalescer
+from recsvc.store.errors import store_errors
+from recsvc.store.layout import (
+    APPLY_EVENTS_LUA,
+    FEEDBACK_STREAM,
+    PREFIX,
+    PUT_VECTOR_LUA,
+    SCRIPT_CHUNK,
+    USER_PREFIX,
+    user_keys,
+)
+from recsvc.store.statecache import FEED_CLIENT_NAME, StateCache
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A validated feedback event, ready to be written."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    event_type: str
+    value: float
+    weight: float
+    event_ms: int
+    recommendation_id: str = ""
+
+    def script_args(self) -> list[str]:
+        """The event as the feedback script reads it (see ``APPLY_EVENTS_LUA``)."""
+        return [
+            self.event_id, self.user_id, self.item_id, self.event_type, repr(self.value),
+            repr(self.weight), str(self.event_ms), self.recommendation_id,
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    applied: bool  # False: a duplicate event id, nothing changed
+    weight: float  # the item's feedback weight after the event
+    events: int  # the user's applied-event count after the event
+
+
+@dataclass
+class CachedVector:
+    """A user's cached generator state, valid if it reflects all their events."""
+
+    blob: bytes | None
+    vector_events: int
+    events: int
+    model: str
+
+    @classmethod
+    def from_reply(cls, reply: Sequence[bytes | None]) -> CachedVector:
+        """From ``HMGET meta vec vec_events events vec_model``."""
+        blob, vector_events, events, model = reply
+        return cls(blob, int(vector_events or -1), int(events or 0), (model or b"").decode())
+
+    def fresh_for(self, model_version: str) -> bool:
+        return (
+            self.blob is not None
+            and self.vector_events == self.events
+            and self.model == model_version
+        )
+
+
+@dataclass
+class StoredState:
+    """What Redis holds for one user (empty containers for an unknown user)."""
+
+    weights: dict[str, float]
+    last_event_ms: dict[str, int]
+    updated_ms: int | None
+    event_count: int
+
+
+def _parse_history(
+    has_cutoff: bool, with_vector: bool, replies: list[Any]
+) -> tuple[tuple[list[str], np.ndarray, CachedVector | None], int]:
+    """``get_history``'s result from its raw replies (HGETALL as a flat list, then
+    ZRANGEBYSCORE if ``has_cutoff``, then HMGET of the vector fields if
+    ``with_vector``), and its size in items."""
+    hist = replies[0]  # a map under RESP3 (redis-py's default), a flat list under RESP2
+    if isinstance(hist, dict):
+        keys, values = hist.keys(), hist.values()
+    else:
+        keys, values = hist[0::2], hist[1::2]
+    items = [item.decode() for item in keys]
+    weights = np.array(list(values)).astype(np.float64)  # float text, parsed in one call
+    if has_cutoff and items:
+        recent = {item.decode() for item in replies[1]}
+        keep = [item in recent for item in items]
+        items = [item for item, kept in zip(items, keep, strict=True) if kept]
+        weights = weights[np.array(keep, dtype=bool)]
+    if not items:
+        weights = np.empty(0, dtype=np.float64)
+    weights.flags.writeable = False  # the cache hands the same array to every caller
+    cached = CachedVector.from_reply(replies[-1]) if with_vector else None
+    return (items, weights, cached), len(items)
+
+
+class UserStore:
+    """Async access to per-user state and the feedback log in one Redis.
+
+    Its coroutines raise only :mod:`recsvc.store.errors`' classes: a failed
+    call says whether the store is down or only this request failed."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        history_cap: int = 500,
+        dedup_window: int = 10_000,
+        ttl_s: int = 30 * 86400,
+        stream_maxlen: int = 0,
+        cache: StateCache | None = None,
+    ):
+        self.client = client
+        # reads of user state go through it: cached while Redis tracks them for
+        # us (see recsvc.store.statecache), read over a pooled connection otherwise
+        self.cache = cache or StateCache(client, "", USER_PREFIX, max_items=0)
+        self.history_cap = history_cap
+        self.dedup_window = dedup_window
+        self.ttl_s = ttl_s
+        self.stream_maxlen = stream_maxlen
+        self._script_sha = hashlib.sha1(APPLY_EVENTS_LUA.encode()).hexdigest()
+        self._put_sha = hashlib.sha1(PUT_VECTOR_LUA.encode()).hexdigest()
+        self._fences: Coalescer[None, None] = Coalescer(self._send_fence)
+        self.fences = 0  # fence PINGs sent
+
+    @classmethod
+    def from_url(
+        cls, url: str, timeout_s: float = 0.5, cache_items: int = 0, **kwargs: int
+    ) -> UserStore:
+        """A store on ``url``; ``cache_items`` > 0 caches user state reads in this
+        process (up to that many history items), kept exact by Redis."""
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+            decode_responses=False,
+        )
+        cache = StateCache(client, url, USER_PREFIX, cache_items, timeout_s)
+        return cls(client, cache=cache, **kwargs)
+
+    async def close(self) -> None:
+        await self.cache.close()
+        await self.client.aclose()
+
+    @store_errors
+    async def ping(self) -> bool:
+        """Is Redis answering? Also (re)starts or checks the state cache."""
+        ok = bool(await self.client.ping())
+        await self.cache.check()
+        return ok
+
+    @store_errors
+    async def get_history(
+        self, user_id: str, since_ms: int = 0, with_vector: bool = False
+    ) -> tuple[list[str], np.ndarray, CachedVector | None]:
+        """The user's feedback history: item ids and summed weights, and with
+        ``with_vector`` their cached generator vector, in one round trip (none
+        when this process's state cache has it).
+
+        With ``since_ms``, only items with an event after that time: the model
+        was trained on data up to then, so older feedback is already in it.
+        """
+        hist, recent, _, meta = user_keys(user_id)
+        commands: list[tuple[str, ...]] = [("HGETALL", hist)]
+        if since_ms > 0:
+            commands.append(("ZRANGEBYSCORE", recent, f"({since_ms}", "+inf"))
+        if with_vector:
+            commands.append(("HMGET", meta, "vec", "vec_events", "events", "vec_model"))
+        parse = functools.partial(_parse_history, since_ms > 0, with_vector)
+        return await self.cache.get(user_id, (since_ms, with_vector), commands, parse)  # type: ignore[no-any-return]
+
+    @store_errors
+    async def get_vectors(self, user_ids: Sequence[str]) -> list[CachedVector]:
+        """Cached generator vectors of several users (one round trip)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for user in user_ids:
+                pipe.hmget(user_keys(user)[3], "vec", "vec_events", "events", "vec_model")
+            replies = await pipe.execute()
+        return [CachedVector.from_reply(reply) for reply in replies]
+
+    @store_errors
+    async def put_vector(self, user_id: str, events: int, blob: bytes, model: str) -> bool:
+        """Cache a vector computed from the state after ``events`` events; refused
+        (False) if more events arrived meanwhile."""
+        self.cache.invalidate(user_id)
+        sha = self._put_sha
+        args = (1, user_keys(user_id)[3], events, blob, model)
+        try:
+            return bool(await self.client.evalsha(sha, *args))
+        except NoScriptError:
+            await self.client.script_load(PUT_VECTOR_LUA)
+            return bool(await self.client.evalsha(sha, *args))
+
+    @store_errors
+    async def get_state(self, user_id: str) -> StoredState:
+        hist, recent, _, meta = user_keys(user_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(hist)
+            pipe.zrange(recent, 0, -1, withscores=True)
+            pipe.hgetall(meta)
+            raw_hist, raw_recent, raw_meta = await pipe.execute()
+        updated = raw_meta.get(b"updated_ms")
+        return StoredState(
+            weights={k.decode(): float(v) for k, v in raw_hist.items()},
+            last_event_ms={k.decode(): int(s) for k, s in raw_recent},
+            updated_ms=int(updated) if updated is not None else None,
+            event_count=int(raw_meta.get(b"events", 0)),
+        )
+
+    @store_errors
+    async def apply_events(self, events: Sequence[StoredEvent]) -> list[ApplyResult]:
+        """Apply events in one pipelined round trip; returns only once all are in Redis."""
+        if not events:
+            return []
+        now_ms = int(time.time() * 1000)
+        try:
+            replies, other_caches = await self._run_apply(events, now_ms)
+        except NoScriptError:  # Redis restarted and lost its script cache
+            await self.client.script_load(APPLY_EVENTS_LUA)
+            replies, other_caches = await self._run_apply(events, now_ms)
+        for user_id in {e.user_id for e in events}:  # this process knows it changed
+            self.cache.invalidate(user_id)
+        if other_caches:
+            await self._invalidation_fence()
+        return [ApplyResult(bool(r[0]), float(r[1]), int(r[2])) for r in replies]
+
+    async def _invalidation_fence(self) -> None:
+        """Return only once Redis has sent every process's state cache the
+        invalidations of the write just made.
+
+        Redis queues them while it runs the write but may put the writer's reply
+        on the wire first, in the same event-loop pass; a command sent after
+        that reply arrived runs in a later pass, so by its reply the
+        invalidations are on the readers' sockets, and a reader drains its
+        socket before every lookup. Without this a caller could act on the ack
+        (in CI: the very next statement) before another process's cache heard
+        of the change. Pipelining the PING with the write would not do: Redis
+        would run both in the same pass. Only needed while another process
+        caches state (see ``_other_caches``); with appendfsync always it costs
+        the ack one more fsync wait.
+
+        Concurrent writers share fences: every caller waits for a PING sent
+        after it asked, and one PING serves all who asked while the previous
+        one was out.
+        """
+        await self._fences.submit(None)
+
+    async def _send_fence(self, batch: list[None]) -> list[None]:
+        self.fences += 1
+        await self.client.ping()
+        return batch
+
+    async def _run_apply(
+        self, events: Sequence[StoredEvent], now_ms: int
+    ) -> tuple[list[Any], bool]:
+        """The scripts' results, and whether another process may cache user state."""
+        settings = (now_ms, self.ttl_s, self.history_cap, self.dedup_window, self.stream_maxlen)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for start in range(0, len(events), SCRIPT_CHUNK):
+                chunk = json.dumps([e.script_args() for e in events[start : start + SCRIPT_CHUNK]])
+                pipe.execute_command(
+                    "EVALSHA", self._script_sha, 1, FEEDBACK_STREAM, *settings, PREFIX, chunk
+                )
+            # in the same Redis pass as the writes: which caches could hold stale state
+            pipe.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+            *replies, listeners = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        results = [result for chunk_results in replies for result in chunk_results]
+        return results, self._other_caches(listeners)
+
+    def _other_caches(self, client_list: bytes | Exception) -> bool:
+        """Does a process other than this one listen for invalidations? A cache
+        that starts after this pass turns tracking on after the write, so it can
+        only read the new state. If Redis refuses CLIENT LIST, assume one does."""
+        if isinstance(client_list, Exception):
+            return True
+        own = f"id={self.cache.feed_client_id}".encode()
+        marker = f" name={FEED_CLIENT_NAME} ".encode()
+        for line in client_list.splitlines():
+            if marker in line and line.split(b" ", 1)[0] != own:
+                return True
+        return False
