@@ -58,6 +58,8 @@ class CFBundle:
     # to save: a trained generators.vae.MultVAE; after loading: its directory
     generator: Any = None
     generator_dir: Path | None = None
+    # the low-rank term's item factors (items x rank, float32), if the mixture uses it
+    item_factors: np.ndarray | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -94,6 +96,8 @@ def save_bundle(bundle: CFBundle, out_dir: str | os.PathLike[str], overwrite: bo
         if bundle.attributes is not None and bundle.item_attributes is not None:
             bundle.attributes.save(tmp / "attributes.txt")
             sp.save_npz(tmp / "item_attributes.npz", bundle.item_attributes.astype(np.float32))
+        if bundle.item_factors is not None:
+            np.save(tmp / "item_factors.npy", bundle.item_factors.astype(np.float32))
         if bundle.generator is not None:
             from generators.io import save_generator
 
@@ -159,6 +163,11 @@ def load_bundle(model_dir: str | os.PathLike[str], verify: bool = True) -> CFBun
     popularity = np.load(root / "popularity.npy", allow_pickle=False)
     if user_items.shape != (len(users), len(items)) or similarity.shape != (len(items),) * 2:
         raise BundleError(f"{root}: array shapes do not match the id maps")
+    item_factors = None
+    if (root / "item_factors.npy").is_file():
+        item_factors = np.load(root / "item_factors.npy", allow_pickle=False)
+        if item_factors.ndim != 2 or item_factors.shape[0] != len(items):
+            raise BundleError(f"{root}: item_factors.npy does not match the items")
     attributes = item_attributes = None
     if (root / "attributes.txt").is_file():
         attributes = IdMap.load(root / "attributes.txt")
@@ -175,4 +184,5 @@ def load_bundle(model_dir: str | os.PathLike[str], verify: bool = True) -> CFBun
         attributes=attributes,
         item_attributes=item_attributes,
         generator_dir=root / "generator" if (root / "generator").is_dir() else None,
+        item_factors=item_factors,
     )

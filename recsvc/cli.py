@@ -26,146 +26,13 @@ def _parse_weights(text: str) -> dict[str, float]:
     return {k.strip().lower(): float(v) for k, v in pairs}
 
 
-def fit_similarity(args: argparse.Namespace, user_items, show: bool = False):  # type: ignore[no-untyped-def]
-    """The item-item matrix ``--similarity`` names, and its parameters for the manifest."""
-    from recsvc.similarity import TUNED_KNN, fit_cosine, fit_normalised_knn
-
-    if args.similarity == "cosine":
-        return fit_cosine(user_items, args.neighbours, args.threads, show_progress=show), {}
-    return fit_normalised_knn(user_items, args.neighbours, **TUNED_KNN), dict(TUNED_KNN)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from recsvc.bundle import CFBundle, save_bundle
-    from recsvc.data import build_item_attributes, build_matrix, read_catalogue, read_many
+    from recsvc.train import train
 
     overrides = {"event_weights": _parse_weights(args.event_weights)} if args.event_weights else {}
-    settings = Settings(**overrides)
-    show = not args.quiet
-    started = time.perf_counter()
-    interactions = read_many(
-        args.interactions, settings.event_weights, settings.rating_midpoint, show_progress=show
-    )
-    user_items, users, items = build_matrix(interactions)
-    log.info(
-        "read %d interactions: %d users x %d items, %d positive pairs",
-        len(interactions), len(users), len(items), user_items.nnz,
-    )  # fmt: skip
-    fit_started = time.perf_counter()
-    similarity, similarity_params = fit_similarity(args, user_items, show)
-    fit_s = time.perf_counter() - fit_started
-    popularity = np.asarray((user_items > 0).sum(axis=0), dtype=np.float32).ravel()
-    attributes = item_attributes = None
-    if args.catalogue:
-        attributes_of = read_catalogue(args.catalogue)
-        item_attributes, attributes = build_item_attributes(items, attributes_of)
-        log.info("catalogue: %d content attributes over %d items", len(attributes),
-                 int((item_attributes.getnnz(axis=1) > 0).sum()))  # fmt: skip
-    generator, generator_params, blend_weight = None, None, None
-    if args.generator:
-        generator, generator_params, blend_weight = _train_generator(
-            args, user_items, item_attributes, show
-        )
-    bundle = CFBundle(
-        users=users,
-        items=items,
-        user_items=user_items,
-        similarity=similarity,
-        popularity=popularity,
-        params={
-            "similarity": args.similarity,
-            "neighbours": args.neighbours,
-            **similarity_params,
-            "event_weights": settings.event_weights,
-            "rating_midpoint": settings.rating_midpoint,
-            "sources": [str(p) for p in args.interactions],
-            "data_until_ms": interactions.latest_ms,
-            "fit_seconds": round(fit_s, 3),
-            "catalogue": str(args.catalogue) if args.catalogue else None,
-            "generator": generator_params,
-            **({"blend_weight": blend_weight} if blend_weight is not None else {}),
-        },
-        attributes=attributes,
-        item_attributes=item_attributes,
-        generator=generator,
-    )
-    out = save_bundle(bundle, args.out, overwrite=args.force)
-    log.info(
-        "wrote model %s to %s in %.1fs (fit %.1fs)",
-        bundle.model_version, out, time.perf_counter() - started, fit_s,
-    )  # fmt: skip
-    print(json.dumps({"model_version": bundle.model_version, "out": str(out), **bundle.counts}))
+    summary = train(args, Settings(**overrides))
+    print(json.dumps(summary))
     return 0
-
-
-def _train_generator(args, user_items, item_attributes, show):  # type: ignore[no-untyped-def]
-    """Mult-VAE on the same matrix, early-stopped on NDCG@20 of a validation split
-    carved from the training data (the test data is never seen)."""
-    import torch
-
-    from generators.train import DEFAULTS, train_vae
-    from recsvc.evaluate import holdout_split
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    fit_part, valid = holdout_split(user_items, args.generator_valid_fraction, seed=args.seed)
-    started = time.perf_counter()
-    # flags left unset take the defaults tuned in generators.train
-    overrides = {
-        name: value
-        for name, value in (
-            ("n_epochs", args.generator_epochs),
-            ("hidden", args.generator_hidden),
-            ("latent", args.generator_latent),
-            ("batch_size", args.generator_batch_size),
-            ("lr", args.generator_lr),
-        )
-        if value is not None
-    }
-    model, history = train_vae(
-        fit_part,
-        valid,
-        seed=args.seed,
-        progress=show,
-        attributes_csr=item_attributes,
-        max_seconds=args.generator_minutes * 60 if args.generator_minutes else None,
-        **overrides,
-    )
-    params = {
-        **{k: v for k, v in DEFAULTS.items() if k != "seed"},
-        **overrides,
-        "valid_fraction": args.generator_valid_fraction,
-        "seed": args.seed,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        **{k: v for k, v in history.items() if isinstance(v, int | float | str)},
-    }
-    log.info("generator trained: %s", json.dumps(params))
-    blend_weight, grid = _tune_blend(model, fit_part, valid, item_attributes, args)
-    params["blend_validation"] = grid
-    log.info("blend weight %.2f chosen on validation: %s", blend_weight, json.dumps(grid))
-    return model, params, blend_weight
-
-
-def _tune_blend(vae, fit_part, valid, item_attributes, args):  # type: ignore[no-untyped-def]
-    """The generator weight of the blend that maximises validation NDCG@20, with CF
-    fitted on the same training part (validation items stay unseen by both)."""
-    from generators.vae import GeneratorRuntime
-    from recsvc.evaluate import ranking_metrics
-    from recsvc.generate import GeneratorModel
-
-    generator = GeneratorModel(GeneratorRuntime.from_model(vae), None, None)
-    similarity, _ = fit_similarity(args, fit_part)
-    users = np.flatnonzero([len(v) > 0 for v in valid])
-    rng = np.random.default_rng(args.seed)
-    sample = np.sort(rng.choice(users, size=min(len(users), 4000), replace=False))
-    sampled = set(sample.tolist())
-    valid_sample = [valid[u] if u in sampled else np.empty(0, np.int64)
-                    for u in range(fit_part.shape[0])]  # fmt: skip
-    grid = {}
-    for weight in np.round(np.linspace(0, 1, 11), 2).tolist():
-        scores = blend_scorer(generator, similarity, fit_part, weight)
-        grid[weight] = round(ranking_metrics(scores, fit_part, valid_sample, k=20)["ndcg"], 5)
-    return max(grid, key=grid.get), grid
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -232,11 +99,22 @@ def blend_scorer(generator, similarity, history_matrix, generator_weight: float)
     return scores
 
 
-def strategy_scores(model, strategy: str, generator_weight: float):  # type: ignore[no-untyped-def]
-    """A batch scoring function for eval, ranking as the served strategy does."""
+def strategy_scores(model, strategy: str, generator_weight):  # type: ignore[no-untyped-def]
+    """A batch scoring function for eval, ranking as the served strategy does
+    (``generator_weight``: the blend's generator share, or a dict of mixture weights)."""
+    from recsvc.ranking import UserBatch
+
     train = model.bundle.user_items
     if strategy == "cf":
         return lambda users: model.score_users(train[users])
+    if strategy == "blend" and model.pipeline is not None:
+        pipeline = model.pipeline
+        if isinstance(generator_weight, dict):
+            pipeline = pipeline.with_weights(generator_weight)
+        elif generator_weight is not None:
+            pipeline = pipeline.with_generator_weight(generator_weight)
+        return lambda users: pipeline.dense_scores(UserBatch(train[users]))
+    assert generator_weight is not None
     return blend_scorer(model.generator, model.bundle.similarity, train, generator_weight)
 
 
@@ -255,13 +133,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for user, item in zip(users[known].tolist(), items[known].tolist(), strict=True):
         test_items[user].append(item)
     train = model.bundle.user_items
-    strategy = args.strategy or ("blend" if model.generator is not None else "cf")
-    if strategy != "cf" and model.generator is None:
+    has_blend = model.generator is not None or model.pipeline is not None
+    strategy = args.strategy or ("blend" if has_blend else "cf")
+    if (strategy == "generator" and model.generator is None) or (
+        strategy == "blend" and not has_blend
+    ):
         raise ValueError(f"strategy {strategy} needs a bundle trained with --generator")
-    weight = 1.0 if strategy == "generator" else (
-        args.blend_weight if args.blend_weight is not None
-        else float(model.params.get("blend_weight", 0.5))
-    )  # fmt: skip
+    weight: float | dict[str, float] | None
+    if strategy == "generator":
+        weight = 1.0
+    elif args.weights and model.pipeline is not None:
+        weight = _parse_weights(args.weights)  # for reporting: each scorer alone, say
+    elif args.blend_weight is not None or model.pipeline is None:
+        weight = (args.blend_weight if args.blend_weight is not None
+                  else float(model.params.get("blend_weight", 0.5)))  # fmt: skip
+    else:
+        weight = None  # the tuned mixture
     metrics = ranking_metrics(
         strategy_scores(model, strategy, weight),
         train,
@@ -271,7 +158,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {
         "model_version": model.model_version,
         "strategy": strategy,
-        **({"blend_weight": weight} if strategy == "blend" else {}),
+        **({"blend_weight": weight} if strategy == "blend" and isinstance(weight, float) else {}),
+        **({"mixture": weight or model.pipeline.weights}
+           if strategy == "blend" and not isinstance(weight, float) else {}),  # fmt: skip
         "k": args.k,
         f"recall@{args.k}": round(metrics["recall"], 4),
         f"ndcg@{args.k}": round(metrics["ndcg"], 4),
@@ -327,10 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--generator-lr", type=float, help="default: generators.train.DEFAULTS")
     train.add_argument(
+        "--valid-fraction",
         "--generator-valid-fraction",
+        dest="valid_fraction",
         type=float,
         default=0.1,
-        help="share of each user's items held out for early stopping",
+        help="share of each user's items held out to choose the mixture and stop the generator",
+    )
+    train.add_argument(
+        "--lowrank-rank",
+        type=int,
+        default=256,
+        help="largest rank of the low-rank item term tried on validation (0: no such term)",
+    )
+    train.add_argument(
+        "--mixture-users", type=int, default=6000, help="validation users the mixture is tuned on"
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--force", action="store_true", help="replace an existing bundle")
@@ -369,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--blend-weight",
         type=float,
         help="generator weight in blend (default: the bundle's tuned one)",
+    )
+    evaluate.add_argument(
+        "--weights",
+        help="mixture weights to evaluate instead of the tuned ones, e.g. 'lowrank=1' "
+        "(for reports: each scorer alone; choices are made on validation at training)",
     )
     evaluate.set_defaults(func=cmd_eval)
 

@@ -10,16 +10,18 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from recsvc.bundle import load_bundle
 from recsvc.config import Settings
 from recsvc.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from recsvc.ranking import UserBatch
+from recsvc.ranking.build import pipeline_for
 from recsvc.similarity import CFModel
 from recsvc.state.feedback import FeedbackEvent, describe_problems, id_problem, to_stored
 from recsvc.store import (
@@ -86,6 +88,7 @@ def load_model(model_dir: Path) -> CFModel:
             bundle.item_attributes,
             source=f"catalogue {bundle.params.get('catalogue', 'none')} of bundle {model_dir}",
         )
+    model.pipeline = pipeline_for(bundle, model.generator)
     return model
 
 
@@ -254,25 +257,38 @@ class Engine:
             return generator.latent(generator.state_from_bytes(cached.blob))
         state, mu = generator.encode(items, weights)
         if cached is not None and self.store_available:
-            try:
-                await self.store.put_vector(
-                    user_id, cached.events, state.to_bytes(), generator.version
-                )
-            except StoreUnavailable as exc:
-                self._mark_store_down(exc)
-            except StoreError as exc:  # only a cache of derived data: serve without it
-                log.warning("user vector not cached: %s", exc)
+            # cache it for the next call, off this call's path (a Redis write costs a
+            # round trip); compare-and-set, so a stale state is never stored
+            self._in_background(
+                self._cache_vector(user_id, cached.events, state.to_bytes(), generator.version)
+            )
         return mu
 
+    async def _cache_vector(self, user_id: str, events: int, blob: bytes, version: str) -> None:
+        try:
+            await self.store.put_vector(user_id, events, blob, version)
+        except StoreUnavailable as exc:
+            self._mark_store_down(exc)
+        except StoreError as exc:  # only a cache of derived data: serve without it
+            log.warning("user vector not cached: %s", exc)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _strategy(self, model: CFModel, strategy: str) -> str:
+        has_blend = model.generator is not None or model.pipeline is not None
         strategy = (
             strategy
             or self.settings.default_strategy
-            or (STRATEGY_BLEND if model.generator is not None else STRATEGY_CF)
+            or (STRATEGY_BLEND if has_blend else STRATEGY_CF)
         )
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-        if strategy != STRATEGY_CF and model.generator is None:
+        if (strategy == STRATEGY_GENERATOR and model.generator is None) or (
+            strategy == STRATEGY_BLEND and not has_blend
+        ):
             raise InvalidArgument(
                 f"strategy {strategy!r} needs a generator, and model {model.model_version} has "
                 "none: train with --generator, or ask for strategy cf"
@@ -305,10 +321,32 @@ class Engine:
             restrict = np.unique(model.items.indices(restrict_item_ids))
             restrict = restrict[restrict >= 0]
 
+        use_generator = model.generator is not None and strategy != STRATEGY_CF
         items, weights, degraded, cached = await self._history(
-            model, user_id, with_vector=strategy != STRATEGY_CF
+            model, user_id, with_vector=use_generator
         )
-        if strategy == STRATEGY_CF:
+        if strategy == STRATEGY_BLEND and model.pipeline is not None and len(items):
+            pipeline = model.pipeline
+            if blend_weight is not None:
+                if model.generator is None:
+                    raise InvalidArgument(
+                        f"blend_weight needs a generator, and model {model.model_version} has none"
+                    )
+                pipeline = pipeline.with_generator_weight(blend_weight)
+            latent = None
+            if model.generator is not None and "generator" in pipeline.weights:
+                latent = await self._latent(model.generator, user_id, items, weights, cached)
+            ranked = pipeline.rank(
+                UserBatch.single(items, weights, model.n_items, latent),
+                k, include_seen, exclude[exclude >= 0] if exclude is not None else None, restrict,
+            )  # fmt: skip
+            chosen, scores, sources = ranked.items, ranked.scores, ranked.sources
+            personalized = True
+        elif (
+            strategy == STRATEGY_CF
+            or model.generator is None
+            or (strategy == STRATEGY_BLEND and model.pipeline is not None)
+        ):  # (the last: a user with no history under the mixture gets the cold-start list)
             chosen, scores, sources = self._rank_cf(
                 model, items, weights, k, exclude, restrict, include_seen
             )
@@ -538,9 +576,7 @@ class Engine:
             raise self._store_failed(exc, "writing feedback") from exc
         if model.generator is not None:
             # derived data: updated after the ack; a read that finds it behind re-encodes
-            task = asyncio.create_task(self._update_vectors(model, stored, results))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._update_vectors(model, stored, results))
         return results
 
     async def _update_vectors(

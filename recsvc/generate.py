@@ -103,6 +103,11 @@ class GeneratorModel:
     def batch_item_scores(self, history: sp.csr_matrix) -> np.ndarray:
         """Logits (users x items, float32) for a batch of histories, exactly as
         :meth:`encode` then :meth:`item_scores` compute them one user at a time."""
+        return self.item_scores(self.batch_latents(history))
+
+    def batch_latents(self, history: sp.csr_matrix) -> np.ndarray:
+        """Latent means (users x latent, float32) of a batch of histories, as
+        :meth:`encode` computes them one user at a time."""
         rt = self.runtime
         x = sp.csr_matrix(history, dtype=np.float64, copy=True)
         x.data = np.clip(x.data, 0.0, rt.input_cap if rt.input_cap is not None else np.inf)
@@ -111,7 +116,7 @@ class GeneratorModel:
         has = norms > 0
         pre[has] /= np.maximum(norms[has], 1e-12)[:, None]
         mu = np.tanh(pre + rt.b1) @ rt.W2_mu.T.astype(np.float64) + rt.b2_mu
-        return self.item_scores(mu.astype(np.float32))
+        return mu.astype(np.float32)
 
     def item_scores(self, mu: np.ndarray) -> np.ndarray:
         """Logits over the whole catalogue (float32)."""

@@ -219,6 +219,7 @@ class CFModel:
         self._user_items = bundle.user_items
         self.params = bundle.params
         self.generator: Any = None  # a recsvc.generate.GeneratorModel, set by the loader
+        self.pipeline: Any = None  # a recsvc.ranking.RankingPipeline, set by the loader
         self.popularity = bundle.popularity.astype(np.float64)
         self.popularity_order = np.argsort(-self.popularity, kind="stable")
         self._popularity_tie_break = (

@@ -8,6 +8,7 @@ import pytest
 from helpers import wait_for
 
 from recsvc.engine import load_model
+from recsvc.ranking import UserBatch
 from recsvc.store import UserStore
 from recsvc.v1 import recommender_pb2 as pb
 
@@ -99,13 +100,15 @@ def test_recommend_strategies(gen_server, make_server, model_dir):
 
     assert sources(pb.STRATEGY_CF) <= {pb.SOURCE_CF, pb.SOURCE_POPULARITY}
     assert sources(pb.STRATEGY_GENERATOR) == {pb.SOURCE_GENERATOR}
-    assert sources(pb.STRATEGY_BLEND) <= {pb.SOURCE_GENERATOR, pb.SOURCE_CF}
+    # (popularity: items no scorer of the mixture put there, filled by popularity)
+    assert sources(pb.STRATEGY_BLEND) <= {pb.SOURCE_GENERATOR, pb.SOURCE_CF, pb.SOURCE_POPULARITY}
     default = stub.Recommend(pb.RecommendRequest(user_id="u1", k=6))
     blend = stub.Recommend(pb.RecommendRequest(user_id="u1", k=6, strategy=pb.STRATEGY_BLEND))
     assert [i.item_id for i in default.items] == [i.item_id for i in blend.items]
     all_cf = stub.Recommend(pb.RecommendRequest(user_id="u1", k=6, strategy=pb.STRATEGY_BLEND,
                                                 blend_weight=0.0))  # fmt: skip
-    assert {i.source for i in all_cf.items} == {pb.SOURCE_CF}
+    # no generator share: the mixture's other scorers (kNN, low-rank, popularity)
+    assert {i.source for i in all_cf.items} <= {pb.SOURCE_CF, pb.SOURCE_POPULARITY}
     # a bundle without a generator: CF by default, and a clear error otherwise
     plain = make_server(model=model_dir)
     assert plain.stub.Recommend(pb.RecommendRequest(user_id="u1", k=3)).items
@@ -180,8 +183,19 @@ def test_batch_scores_match_serving_and_eval_strategies(generator_model_dir, tmp
         row = history[user]
         _, mu = model.generator.encode(row.indices.astype(np.int64), row.data)
         np.testing.assert_allclose(batch[user], model.generator.item_scores(mu), atol=1e-4)
-    assert 0 <= model.params["blend_weight"] <= 1
-    assert set(model.params["generator"]["blend_validation"]) == {str(w / 10) for w in range(11)}
+    mixture = model.params["mixture"]
+    assert mixture["weights"]["knn"] == 1.0 and mixture["validation_grid"]
+    assert model.pipeline is not None and model.pipeline.weights == mixture["weights"]
+    # the batch path (eval, tuning) ranks exactly as the one-user path (serving)
+    dense = model.pipeline.dense_scores(UserBatch(history[:5]))
+    for user in range(5):
+        row = history[user]
+        ranked = model.pipeline.rank(
+            UserBatch.single(row.indices.astype(np.int64), row.data, model.n_items), k=5
+        )
+        top = np.argsort(-dense[user], kind="stable")[:5]
+        assert ranked.items.tolist() == top.tolist()
+        np.testing.assert_allclose(ranked.scores, dense[user, top], rtol=1e-5)
 
     test = tmp_path / "test.csv"
     test.write_text("user_id,item_id\n" + "".join(f"u{u},a7\n" for u in range(20)))
@@ -191,4 +205,4 @@ def test_batch_scores_match_serving_and_eval_strategies(generator_model_dir, tmp
                             "--strategy", strategy, "--k", "5"]) == 0  # fmt: skip
         results[strategy] = json.loads(capsys.readouterr().out)
     assert all(r["users"] == 20 and 0 <= r["recall@5"] <= 1 for r in results.values())
-    assert results["blend"]["blend_weight"] == model.params["blend_weight"]
+    assert results["blend"]["mixture"] == mixture["weights"]

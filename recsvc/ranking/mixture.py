@@ -1,0 +1,145 @@
+"""Choosing the mixture on validation: scorer weights and the low-rank term's rank.
+
+The candidates and every scorer's normalised candidate scores are computed once
+for a sample of validation users; each weight setting is then only a weighted
+sum and a top-k, so a full grid costs seconds. The metric is the pipeline's own
+ranking (items outside the candidates are never ranked, as when serving).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsvc.ranking.base import Scorer, UserBatch
+from recsvc.ranking.knn import KnnScorer
+from recsvc.ranking.lowrank import LowRankScorer
+from recsvc.ranking.pipeline import RankingPipeline, normalise_usable
+from recsvc.ranking.popularity import PopularityScorer
+
+log = logging.getLogger(__name__)
+
+LOWRANK_WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+GENERATOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+POPULARITY_WEIGHTS = (0.0, 0.02, 0.1)
+
+
+@dataclass
+class MixtureChoice:
+    weights: dict[str, float]
+    rank: int | None  # of the low-rank term (None: not used)
+    metrics: dict[str, float]
+    grid: list[dict] = field(default_factory=list)  # the best settings tried, for the manifest
+    alone: dict[str, dict] = field(default_factory=dict)  # each scorer by itself
+
+
+def _metrics(mixed: np.ndarray, relevant: np.ndarray, n_relevant: np.ndarray, k: int) -> dict:
+    """Recall@k and NDCG@k of the candidates' ranking (users x C) against the held-out items."""
+    k = min(k, mixed.shape[1])
+    top = np.argpartition(-mixed, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(mixed, top, axis=1), axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    gains = np.take_along_axis(relevant, top, axis=1).astype(np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.cumsum(discounts)[np.minimum(n_relevant, k) - 1]
+    recall = gains.sum(axis=1) / n_relevant
+    ndcg = (gains * discounts).sum(axis=1) / ideal
+    return {"recall": float(recall.mean()), "ndcg": float(ndcg.mean())}
+
+
+def tune_mixture(
+    knn: KnnScorer,
+    popularity: PopularityScorer,
+    fit_part: sp.csr_matrix,
+    valid: Sequence[np.ndarray],
+    item_factors: np.ndarray | None = None,
+    ranks: Sequence[int] = (),
+    generator: Scorer | None = None,
+    n_users: int = 6000,
+    k: int = 20,
+    seed: int = 0,
+    n_candidates: int = 300,
+    n_popular: int = 50,
+) -> MixtureChoice:
+    """The weights (kNN fixed at 1) and rank that maximise NDCG@k on ``valid``,
+    with every scorer fitted on ``fit_part`` alone."""
+    users = np.flatnonzero([len(v) > 0 for v in valid])
+    rng = np.random.default_rng(seed)
+    users = np.sort(rng.choice(users, size=min(len(users), n_users), replace=False))
+    degree = np.asarray((fit_part > 0).sum(axis=0)).ravel()
+    lowranks = {r: LowRankScorer(item_factors, degree, r) for r in ranks} if ranks else {}
+    base = RankingPipeline(knn, popularity, [knn], {"knn": 1.0}, n_candidates, n_popular)
+
+    components: dict[str, list[np.ndarray]] = {}
+    relevant_rows, candidate_rows, usable_rows = [], [], []
+    for start in range(0, len(users), 1024):
+        chunk = users[start : start + 1024]
+        batch = UserBatch(fit_part[chunk])
+        candidates, usable = base.candidates(batch)
+        scorers: list[tuple[str, Scorer]] = [("knn", knn), ("popularity", popularity)]
+        scorers += [(f"lowrank@{r}", s) for r, s in lowranks.items()]
+        if generator is not None:
+            scorers.append(("generator", generator))
+        for name, scorer in scorers:
+            scores = normalise_usable(scorer.score(batch, candidates), scorer.normalise, usable)
+            components.setdefault(name, []).append(scores)
+        held = [valid[u] for u in chunk]
+        relevant_rows.append(
+            np.array([np.isin(c, h) for c, h in zip(candidates, held, strict=True)])
+        )
+        candidate_rows.append(candidates)
+        usable_rows.append(usable)
+    comp = {name: np.concatenate(parts) for name, parts in components.items()}
+    candidates = np.concatenate(candidate_rows)
+    usable = np.concatenate(usable_rows)
+    relevant = np.concatenate(relevant_rows) & usable
+    n_relevant = np.array([len(valid[u]) for u in users])
+    tie_break = base._tie_break[candidates]
+
+    def evaluate(weights: dict[str, float]) -> dict:
+        mixed = tie_break.copy()
+        for name, w in weights.items():
+            if w > 0:
+                mixed += w * comp[name]
+        mixed[~usable] = -np.inf
+        return _metrics(mixed, relevant, n_relevant, k)
+
+    alone = {name: {m: round(v, 5) for m, v in evaluate({name: 1.0}).items()} for name in comp}
+    results = []
+    rank_options: list[int | None] = list(lowranks) or [None]
+    lowrank_weights = LOWRANK_WEIGHTS if lowranks else (0.0,)
+    generator_weights = GENERATOR_WEIGHTS if generator is not None else (0.0,)
+    for rank, w_low, w_gen, w_pop in itertools.product(
+        rank_options, lowrank_weights, generator_weights, POPULARITY_WEIGHTS
+    ):
+        if w_low == 0 and rank != rank_options[0]:
+            continue  # the rank does not matter without the term
+        weights = {"knn": 1.0, "popularity": w_pop}
+        if rank is not None:
+            weights[f"lowrank@{rank}"] = w_low
+        if generator is not None:
+            weights["generator"] = w_gen
+        results.append((evaluate(weights), rank, weights))
+    results.sort(key=lambda r: -r[0]["ndcg"])
+    best_metrics, best_rank, best_weights = results[0]
+    chosen = {("lowrank" if n.startswith("lowrank@") else n): w for n, w in best_weights.items()}
+    grid = [
+        {"rank": r, "weights": {n: w for n, w in ws.items() if w > 0},
+         **{m: round(v, 5) for m, v in met.items()}}
+        for met, r, ws in results[:10]
+    ]  # fmt: skip
+    log.info("mixture chosen on %d validation users: %s rank=%s %s",
+             len(users), chosen, best_rank, best_metrics)  # fmt: skip
+    uses_lowrank = chosen.get("lowrank", 0) > 0
+    return MixtureChoice(
+        {n: w for n, w in chosen.items() if w > 0},
+        best_rank if uses_lowrank else None,
+        {m: round(v, 5) for m, v in best_metrics.items()},
+        grid,
+        alone,
+    )
