@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--lowrank-rank",
         type=int,
-        default=256,
+        default=512,
         help="largest rank of the low-rank item term tried on validation (0: no such term)",
     )
     train.add_argument(

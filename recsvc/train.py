@@ -40,7 +40,7 @@ def fit_mixture(
     valid: Sequence[np.ndarray],
     fit_knn: Callable[[sp.csr_matrix], sp.csr_matrix],
     generator: Any = None,
-    rank_max: int = 256,
+    rank_max: int = 512,
     n_users: int = 6000,
     seed: int = 0,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
