@@ -142,15 +142,6 @@ def test_generate_bad_input(gen_server, request_kwargs, message):
 
 def test_incremental_vector_equals_full_reencode(gen_server, generator_model_dir, redis_url):
     stub = gen_server.stub
-    generate(gen_server, "vec-user", n=1)  # cold user: caches the (empty) state
-    events = [
-        pb.FeedbackEvent(event_id=f"v{i}", user_id="vec-user", item_id=item, type=kind)
-        for i, (item, kind) in enumerate([("a1", pb.PURCHASE), ("a2", pb.CLICK), ("a1", pb.VIEW),
-                                          ("b3", pb.DISLIKE), ("a2", pb.DISLIKE), ("zz", pb.VIEW)])
-    ]  # fmt: skip
-    stub.SendFeedback(pb.SendFeedbackRequest(events=events[:3]))
-    stub.SendFeedback(pb.SendFeedbackRequest(events=events[3:]))
-    model = load_model(generator_model_dir)
 
     async def cached():
         store = UserStore.from_url(redis_url)
@@ -159,6 +150,16 @@ def test_incremental_vector_equals_full_reencode(gen_server, generator_model_dir
         finally:
             await store.close()
 
+    generate(gen_server, "vec-user", n=1)  # cold user: caches the (empty) state...
+    assert wait_for(lambda: asyncio.run(cached()).blob is not None)  # ...after the reply
+    events = [
+        pb.FeedbackEvent(event_id=f"v{i}", user_id="vec-user", item_id=item, type=kind)
+        for i, (item, kind) in enumerate([("a1", pb.PURCHASE), ("a2", pb.CLICK), ("a1", pb.VIEW),
+                                          ("b3", pb.DISLIKE), ("a2", pb.DISLIKE), ("zz", pb.VIEW)])
+    ]  # fmt: skip
+    stub.SendFeedback(pb.SendFeedbackRequest(events=events[:3]))
+    stub.SendFeedback(pb.SendFeedbackRequest(events=events[3:]))
+    model = load_model(generator_model_dir)
     assert wait_for(lambda: asyncio.run(cached()).vector_events == 6)
     vector = asyncio.run(cached())
     assert vector.fresh_for(model.generator.version)
