@@ -26,7 +26,7 @@ log = logging.getLogger("recsvc")
 
 def lowrank_ranks(rank_max: int) -> list[int]:
     """The ranks tried on validation: ``rank_max`` and its halves down to 32."""
-    ranks = []
+    ranks: list[int] = []
     rank = rank_max
     while rank >= 32 or not ranks:
         ranks.append(rank)

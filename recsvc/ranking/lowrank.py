@@ -67,7 +67,7 @@ class LowRankScorer:
         self.right = np.ascontiguousarray(factors * np.sqrt(degree)[:, None], dtype=np.float32)
 
     def user_vectors(self, batch: UserBatch) -> np.ndarray:
-        if batch.is_single:
+        if batch.items is not None and batch.weights is not None:  # one user
             return (batch.weights.astype(np.float32) @ self.left[batch.items])[None, :]
         return np.asarray(batch.history.astype(np.float32) @ self.left)
 

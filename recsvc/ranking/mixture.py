@@ -72,7 +72,9 @@ def tune_mixture(
     rng = np.random.default_rng(seed)
     users = np.sort(rng.choice(users, size=min(len(users), n_users), replace=False))
     degree = np.asarray((fit_part > 0).sum(axis=0)).ravel()
-    lowranks = {r: LowRankScorer(item_factors, degree, r) for r in ranks} if ranks else {}
+    lowranks = {}
+    if item_factors is not None:
+        lowranks = {r: LowRankScorer(item_factors, degree, r) for r in ranks}
     base = RankingPipeline(knn, popularity, [knn], {"knn": 1.0}, n_candidates, n_popular)
 
     components: dict[str, list[np.ndarray]] = {}
@@ -88,7 +90,7 @@ def tune_mixture(
         for name, scorer in scorers:
             scores = normalise_usable(scorer.score(batch, candidates), scorer.normalise, usable)
             components.setdefault(name, []).append(scores)
-        held = [valid[u] for u in chunk]
+        held = [valid[u] for u in chunk.tolist()]
         relevant_rows.append(
             np.array([np.isin(c, h) for c, h in zip(candidates, held, strict=True)])
         )
@@ -98,7 +100,7 @@ def tune_mixture(
     candidates = np.concatenate(candidate_rows)
     usable = np.concatenate(usable_rows)
     relevant = np.concatenate(relevant_rows) & usable
-    n_relevant = np.array([len(valid[u]) for u in users])
+    n_relevant = np.array([len(valid[u]) for u in users.tolist()])
     tie_break = base._tie_break[candidates]
 
     def evaluate(weights: dict[str, float]) -> dict:
