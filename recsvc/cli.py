@@ -216,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--generator-lr", type=float, help="default: generators.train.DEFAULTS")
     train.add_argument(
+        "--generator-precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the output layer's matmuls in training; auto: bfloat16 where this CPU runs it "
+        "at least 1.3x faster (measured at start)",
+    )
+    train.add_argument(
         "--valid-fraction",
         "--generator-valid-fraction",
         dest="valid_fraction",

@@ -176,6 +176,7 @@ def _train_generator(args, fit_part, valid, item_attributes, show):  # type: ign
             ("latent", args.generator_latent),
             ("batch_size", args.generator_batch_size),
             ("lr", args.generator_lr),
+            ("precision", args.generator_precision),
         )
         if value is not None
     }
