@@ -181,6 +181,9 @@ class Engine:
             return ResourceExhausted(
                 f"user state store is out of memory ({exc}); {doing} failed, retry later"
             )
+        if isinstance(exc, StoreRequestError) and exc.invalid:
+            # the store's own check refused what validation let through
+            return InvalidArgument(f"{doing} refused by the store: {exc}")
         if isinstance(exc, StoreRequestError):
             return Internal(
                 f"{doing} failed in the user state store (error id {exc.error_id}, logged "
@@ -568,10 +571,6 @@ class Engine:
                 f"user state store unavailable ({self.store_error}); feedback not acknowledged, "
                 "retry (resending the same event ids is safe)"
             ) from exc
-        except StoreRequestError as exc:
-            if exc.invalid:  # the store's own check refused what validation let through
-                raise InvalidArgument(f"feedback refused by the store: {exc}") from exc
-            raise self._store_failed(exc, "writing feedback") from exc
         except StoreError as exc:
             raise self._store_failed(exc, "writing feedback") from exc
         if model.generator is not None:

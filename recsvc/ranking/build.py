@@ -8,7 +8,7 @@ from recsvc.ranking.base import Scorer
 from recsvc.ranking.generator import GeneratorScorer
 from recsvc.ranking.knn import KnnScorer
 from recsvc.ranking.lowrank import LowRankScorer
-from recsvc.ranking.pipeline import RankingPipeline
+from recsvc.ranking.pipeline import N_CANDIDATES, N_POPULAR, RankingPipeline
 from recsvc.ranking.popularity import PopularityScorer
 
 
@@ -33,6 +33,6 @@ def pipeline_for(bundle: Any, generator: Any = None) -> RankingPipeline | None:
         raise ValueError("the mixture weighs the generator but the bundle has none")
     return RankingPipeline(
         knn, popularity, scorers, weights,
-        n_candidates=int(mixture.get("n_candidates", 300)),
-        n_popular=int(mixture.get("n_popular", 50)),
+        n_candidates=int(mixture.get("n_candidates", N_CANDIDATES)),
+        n_popular=int(mixture.get("n_popular", N_POPULAR)),
     )  # fmt: skip

@@ -20,7 +20,8 @@ class KnnScorer:
     def __init__(self, similarity: sp.csr_matrix):
         from implicit._nearest_neighbours import NearestNeighboursScorer
 
-        self.similarity = similarity.astype(np.float32).tocsr()
+        # the bundle's matrix is float32 CSR already: no second copy at load
+        self.similarity = similarity.astype(np.float32, copy=False).tocsr()
         self._scorer = NearestNeighboursScorer(self.similarity)  # implicit's C++ top-k
         self._columns = np.empty(0, dtype=np.int64)
         self._column_values = np.empty((self.similarity.shape[0], 0), dtype=np.float32)

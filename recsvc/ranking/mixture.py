@@ -19,7 +19,12 @@ import scipy.sparse as sp
 from recsvc.ranking.base import Scorer, UserBatch
 from recsvc.ranking.knn import KnnScorer
 from recsvc.ranking.lowrank import LowRankScorer
-from recsvc.ranking.pipeline import RankingPipeline, normalise_usable
+from recsvc.ranking.pipeline import (
+    N_CANDIDATES,
+    N_POPULAR,
+    RankingPipeline,
+    normalise_usable,
+)
 from recsvc.ranking.popularity import PopularityScorer
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,8 @@ def tune_mixture(
     n_users: int = 6000,
     k: int = 20,
     seed: int = 0,
-    n_candidates: int = 300,
-    n_popular: int = 50,
+    n_candidates: int = N_CANDIDATES,
+    n_popular: int = N_POPULAR,
 ) -> MixtureChoice:
     """The weights (kNN fixed at 1) and rank that maximise NDCG@k on ``valid``,
     with every scorer fitted on ``fit_part`` alone."""

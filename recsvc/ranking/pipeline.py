@@ -12,6 +12,8 @@ from recsvc.ranking.base import Scorer, UserBatch, normalise
 from recsvc.ranking.knn import KnnScorer
 from recsvc.ranking.popularity import PopularityScorer
 
+N_CANDIDATES = 300  # the kNN's best items per user
+N_POPULAR = 50  # the popular head, always a candidate unless seen or excluded
 MASKED = -1e30  # the score of a non-candidate in dense outputs (finite: metrics need no NaN)
 
 
@@ -49,8 +51,8 @@ class RankingPipeline:
         popularity: PopularityScorer,
         scorers: Sequence[Scorer],
         weights: Mapping[str, float],
-        n_candidates: int = 300,
-        n_popular: int = 50,
+        n_candidates: int = N_CANDIDATES,
+        n_popular: int = N_POPULAR,
     ):
         self.knn = knn
         self.popularity = popularity

@@ -89,17 +89,21 @@ def classify(exc: BaseException) -> StoreError:
     described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     if isinstance(exc, ResponseError) and text.startswith(INVALID_PREFIX):
         # our own script's refusal (its text quotes client data: test it first)
-        error_id = os.urandom(6).hex()
-        log.error("redis refused a request's data (error id %s): %s", error_id, described)
-        return StoreRequestError(described, error_id, invalid=True)
+        return _request_error(described, invalid=True)
     if isinstance(exc, OutOfMemoryError) or OOM.search(text):
         return StoreFull(described)
     if isinstance(exc, UNAVAILABLE_CLASSES) or UNAVAILABLE_CODES.search(text):
         return StoreUnavailable(described)
     # a script or command error (or a DataError before sending): this request's
+    return _request_error(described, invalid=False)
+
+
+def _request_error(described: str, invalid: bool) -> StoreRequestError:
+    """A request's failure, logged under a fresh id that the caller is told."""
     error_id = os.urandom(6).hex()
-    log.error("redis refused a command (error id %s): %s", error_id, described)
-    return StoreRequestError(described, error_id)
+    log.error("redis refused a request (error id %s, invalid input: %s): %s",
+              error_id, invalid, described)  # fmt: skip
+    return StoreRequestError(described, error_id, invalid)
 
 
 P = ParamSpec("P")
