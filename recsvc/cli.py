@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from recsvc.server import serve, serve_workers
+    from recsvc.api.server import serve, serve_workers
 
     overrides = {
         name: value

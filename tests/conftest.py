@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import redis
 
+from recsvc.api.server import RecsvcServer
 from recsvc.bundle import CFBundle, save_bundle
 from recsvc.config import Settings
 from recsvc.data import build_matrix, read_interactions
-from recsvc.server import RecsvcServer
 from recsvc.similarity import fit_cosine
 from recsvc.store import EmbeddedRedis
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc

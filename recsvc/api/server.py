@@ -18,11 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
+from recsvc.api.servicer import RecommenderServicer, add_servicer
 from recsvc.bundle import BundleError, read_manifest
 from recsvc.config import Settings, redact_url
 from recsvc.engine import Engine, load_model
 from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, RecsvcError
-from recsvc.service import RecommenderServicer, add_servicer
 from recsvc.similarity import CFModel
 from recsvc.store import EmbeddedRedis, UserStore, die_with_parent, free_port
 from recsvc.v1 import recommender_pb2 as pb

@@ -1,0 +1,1 @@
+"""The gRPC side: servicer (messages <-> domain calls), server process, interceptors."""
