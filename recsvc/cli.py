@@ -1,4 +1,6 @@
-"""``recsvc train | serve | eval | export-feedback``: flags, settings, construct, run. Nothing else lives here."""
+"""``recsvc train | serve | eval | export-feedback``: flags, settings, construct, run.
+
+Nothing else lives here."""
 
 from __future__ import annotations
 
@@ -190,10 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--similarity",
         choices=["knn", "cosine"],
         default="knn",
-        help="knn: normalised item-item kNN tuned on Gowalla validation "
-        "(default); cosine: plain cosine (implicit)",
+        help="knn: normalised item-item kNN, its normalisation chosen on the "
+        "validation split (default); cosine: plain cosine (implicit)",
     )
     train.add_argument("--neighbours", type=int, default=100, help="similar items kept per item")
+    train.add_argument(
+        "--knn-search-seconds",
+        type=float,
+        default=120.0,
+        help="time budget for choosing the kNN's normalisation on the validation split, "
+        "starting from the values found on Gowalla (0: keep those)",
+    )
     train.add_argument("--event-weights", help="e.g. 'view=1,click=2,purchase=8' (or JSON)")
     train.add_argument("--threads", type=int, default=0, help="fit threads (0: all cores)")
     train.add_argument(

@@ -78,13 +78,42 @@ def fit_mixture(
     return mixture, served_factors
 
 
-def fit_similarity(args: argparse.Namespace, user_items, show: bool = False):  # type: ignore[no-untyped-def]
-    """The item-item matrix ``--similarity`` names, and its parameters for the manifest."""
+def fit_similarity(  # type: ignore[no-untyped-def]
+    args: argparse.Namespace, user_items, show: bool = False, knn_params: dict | None = None
+):
+    """The item-item matrix ``--similarity`` names, and its parameters for the manifest.
+
+    ``knn_params``: the normalised kNN's parameters (default: ``TUNED_KNN``, the
+    starting point of the search on validation)."""
     from recsvc.similarity import TUNED_KNN, fit_cosine, fit_normalised_knn
 
     if args.similarity == "cosine":
         return fit_cosine(user_items, args.neighbours, args.threads, show_progress=show), {}
-    return fit_normalised_knn(user_items, args.neighbours, **TUNED_KNN), dict(TUNED_KNN)
+    params = dict(knn_params or TUNED_KNN)
+    return fit_normalised_knn(user_items, args.neighbours, **params), params
+
+
+def choose_knn(args: argparse.Namespace, fit_part, valid) -> tuple[dict | None, dict | None]:  # type: ignore[no-untyped-def]
+    """The kNN parameters searched on the validation split (``--knn-search-seconds``),
+    and a summary of the search for the manifest; ``(None, None)`` when not searched."""
+    if args.similarity != "knn" or getattr(args, "knn_search_seconds", 0) <= 0:
+        return None, None
+    from recsvc.ranking.knn_search import search_knn
+
+    choice = search_knn(
+        fit_part, valid, args.neighbours, budget_s=args.knn_search_seconds,
+        n_users=args.mixture_users, seed=args.seed,
+    )  # fmt: skip
+    if not choice.complete and len(choice.tried) <= 1:
+        return None, None  # no validation users, or no time for a single alternative
+    summary = {
+        "validation": choice.metrics,
+        "validation_start": choice.start_metrics,
+        "tried": choice.tried,
+        "complete": choice.complete,
+        "seconds": choice.seconds,
+    }
+    return choice.params, summary
 
 
 def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -103,9 +132,6 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         "read %d interactions: %d users x %d items, %d positive pairs",
         len(interactions), len(users), len(items), user_items.nnz,
     )  # fmt: skip
-    fit_started = time.perf_counter()
-    similarity, similarity_params = fit_similarity(args, user_items, show)
-    fit_s = time.perf_counter() - fit_started
     popularity = np.asarray((user_items > 0).sum(axis=0), dtype=np.float32).ravel()
     attributes = item_attributes = None
     if args.catalogue:
@@ -117,13 +143,17 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
     # one validation split, carved from the training data, for every choice made here
     fit_part, valid = holdout_split(user_items, args.valid_fraction, seed=args.seed)
+    knn_params, knn_search = choose_knn(args, fit_part, valid)
+    fit_started = time.perf_counter()
+    similarity, similarity_params = fit_similarity(args, user_items, show, knn_params)
+    fit_s = time.perf_counter() - fit_started
     generator, generator_params = None, None
     if args.generator:
         generator, generator_params = _train_generator(
             args, fit_part, valid, item_attributes, show
         )
     mixture, item_factors = fit_mixture(
-        user_items, fit_part, valid, lambda part: fit_similarity(args, part)[0],
+        user_items, fit_part, valid, lambda part: fit_similarity(args, part, False, knn_params)[0],
         generator=_runtime_generator(generator), rank_max=args.lowrank_rank,
         n_users=args.mixture_users, seed=args.seed,
     )  # fmt: skip
@@ -137,6 +167,7 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             "similarity": args.similarity,
             "neighbours": args.neighbours,
             **similarity_params,
+            "knn_search": knn_search,
             "event_weights": settings.event_weights,
             "rating_midpoint": settings.rating_midpoint,
             "sources": [str(p) for p in args.interactions],

@@ -1,5 +1,6 @@
 """The real command line: train a bundle, serve it with the embedded Redis, stop it."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -25,6 +26,12 @@ def test_train_then_serve_then_sigterm(tmp_path, clustered_csv):
     )  # fmt: skip
     assert train.returncode == 0, train.stderr
     assert (out / "manifest.json").exists() and '"items": 16' in train.stdout
+    params = json.loads((out / "manifest.json").read_text())["params"]
+    search = params["knn_search"]  # the kNN's normalisation was chosen on validation
+    best = max(search["tried"], key=lambda t: t["ndcg"])
+    assert {name: params[name] for name in ("alpha", "a", "power")} == {
+        name: best[name] for name in ("alpha", "a", "power")
+    }
     again = subprocess.run(
         [sys.executable, "-m", "recsvc.cli", "train", "--interactions", str(clustered_csv),
          "--out", str(out), "--quiet"],
