@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="per-process cache of users' Redis state, in history items (0: off); "
         "kept exact by Redis client-side caching invalidations",
     )
+    latent_cache_users: int = Field(
+        50_000,
+        ge=0,
+        description="per-process cache of users' generator latents (0: off); exact, keyed by "
+        "generator version and the user's event count",
+    )
     health_interval_s: float = Field(1.0, gt=0, description="Redis health probe period")
     model_watch_s: float = Field(
         5.0, ge=0, description="poll the model directory for a new bundle this often (0: off)"

@@ -24,6 +24,7 @@ from recsvc.ranking import UserBatch
 from recsvc.ranking.build import pipeline_for
 from recsvc.similarity import CFModel
 from recsvc.state.feedback import FeedbackEvent, describe_problems, id_problem, to_stored
+from recsvc.state.latents import LatentCache
 from recsvc.store import (
     ApplyResult,
     CachedVector,
@@ -151,6 +152,7 @@ class Engine:
         self.store_available = True
         self.store_error = ""
         self._background: set[asyncio.Task[None]] = set()
+        self._latents = LatentCache(settings.latent_cache_users)
 
     # -- store health -----------------------------------------------------------
 
@@ -253,19 +255,29 @@ class Engine:
         weights: np.ndarray,
         cached: CachedVector | None,
     ) -> np.ndarray:
-        """The user's latent: from the cached encoder state when it reflects all
-        their events, else encoded from the history and cached for next time."""
+        """The user's latent: from this process's cache, else from the cached
+        encoder state when it reflects all their events, else encoded from the
+        history. Only a user with feedback gets their encoder state written to
+        Redis (it is what per-event updates start from); a user known only from
+        training is re-encoded by each process once, at no Redis write."""
+        events = cached.events if cached is not None else -1
+        latent = self._latents.get(user_id, generator.version, events)
+        if latent is not None:
+            return latent
         if cached is not None and cached.fresh_for(generator.version):
             assert cached.blob is not None
-            return generator.latent(generator.state_from_bytes(cached.blob))
-        state, mu = generator.encode(items, weights)
-        if cached is not None and self.store_available:
-            # cache it for the next call, off this call's path (a Redis write costs a
-            # round trip); compare-and-set, so a stale state is never stored
-            self._in_background(
-                self._cache_vector(user_id, cached.events, state.to_bytes(), generator.version)
-            )
-        return mu
+            latent = generator.latent(generator.state_from_bytes(cached.blob))
+        else:
+            state, latent = generator.encode(items, weights)
+            if cached is not None and cached.events > 0 and self.store_available:
+                # for the next event's incremental update, off this call's path (a
+                # Redis write costs a round trip); compare-and-set, never a stale state
+                self._in_background(
+                    self._cache_vector(user_id, cached.events, state.to_bytes(), generator.version)
+                )
+        if cached is not None:  # a degraded read (no store) is not cached
+            self._latents.put(user_id, generator.version, events, latent)
+        return latent
 
     async def _cache_vector(self, user_id: str, events: int, blob: bytes, version: str) -> None:
         try:
@@ -600,10 +612,16 @@ class Engine:
                 consecutive = [u[3] for u in updates] == list(
                     range(first + 1, first + 1 + len(updates))
                 )
-                if not (vector.blob and vector.model == generator.version
-                        and vector.vector_events == first and consecutive):  # fmt: skip
+                if not consecutive:
+                    continue  # the next read re-encodes from the history
+                if vector.blob and vector.model == generator.version and (
+                    vector.vector_events == first
+                ):
+                    state = generator.state_from_bytes(vector.blob)
+                elif first == 0:  # their first events: start from the training history
+                    state, _ = generator.encode(*model.training_history(user))
+                else:
                     continue  # missing or behind: the next read re-encodes from the history
-                state = generator.state_from_bytes(vector.blob)
                 for item, delta, feedback_weight, _ in updates:
                     if item >= 0:
                         trained = model.training_weight(user, item)

@@ -1,6 +1,7 @@
 """The generator served: Generate, strategies, the interactive loop, user vectors."""
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -140,35 +141,46 @@ def test_generate_bad_input(gen_server, request_kwargs, message):
         assert "catalogue.jsonl" in info.value.details()  # names where valid topics come from
 
 
-def test_incremental_vector_equals_full_reencode(gen_server, generator_model_dir, redis_url):
+@pytest.mark.parametrize("user", ["vec-user", "u3"])  # unknown to the model; a training user
+def test_incremental_vector_equals_full_reencode(gen_server, generator_model_dir, redis_url, user):
     stub = gen_server.stub
 
     async def cached():
         store = UserStore.from_url(redis_url)
         try:
-            return (await store.get_vectors(["vec-user"]))[0]
+            return (await store.get_vectors([user]))[0]
         finally:
             await store.close()
 
-    generate(gen_server, "vec-user", n=1)  # cold user: caches the (empty) state...
-    assert wait_for(lambda: asyncio.run(cached()).blob is not None)  # ...after the reply
+    generate(gen_server, user, n=1)
+    generate(gen_server, user, n=1)  # served from the process's own latent cache
+    time.sleep(0.2)
+    assert asyncio.run(cached()).blob is None  # a user without events: no Redis write
     events = [
-        pb.FeedbackEvent(event_id=f"v{i}", user_id="vec-user", item_id=item, type=kind)
+        pb.FeedbackEvent(event_id=f"v{i}", user_id=user, item_id=item, type=kind)
         for i, (item, kind) in enumerate([("a1", pb.PURCHASE), ("a2", pb.CLICK), ("a1", pb.VIEW),
                                           ("b3", pb.DISLIKE), ("a2", pb.DISLIKE), ("zz", pb.VIEW)])
     ]  # fmt: skip
     stub.SendFeedback(pb.SendFeedbackRequest(events=events[:3]))
     stub.SendFeedback(pb.SendFeedbackRequest(events=events[3:]))
     model = load_model(generator_model_dir)
+    # the first events start from the training history, the next move that state
     assert wait_for(lambda: asyncio.run(cached()).vector_events == 6)
     vector = asyncio.run(cached())
     assert vector.fresh_for(model.generator.version)
     incremental = model.generator.latent(model.generator.state_from_bytes(vector.blob))
-    items = model.items.indices(["a1", "a2", "b3"])
-    weights = np.array([8.0 + 1.0, 2.0 - 4.0, -4.0])
-    _, full = model.generator.encode(items, weights)
+    trained_items, trained_weights = model.training_history(user)
+    feedback = dict(zip(model.items.indices(["a1", "a2", "b3"]), [9.0, -2.0, -4.0], strict=True))
+    merged = dict(zip(trained_items.tolist(), trained_weights.tolist(), strict=True))
+    for item, weight in feedback.items():
+        merged[int(item)] = merged.get(int(item), 0.0) + weight
+    items = np.array(sorted(merged))
+    _, full = model.generator.encode(items, np.array([merged[i] for i in items]))
     np.testing.assert_allclose(incremental, full, atol=1e-5)
-    state = stub.GetUserState(pb.GetUserStateRequest(user_id="vec-user"))
+    # and the next call serves that latent (the event count is part of the cache key)
+    recommended = stub.Recommend(pb.RecommendRequest(user_id=user, k=3))
+    assert recommended.personalized
+    state = stub.GetUserState(pb.GetUserStateRequest(user_id=user))
     np.testing.assert_allclose(state.vector, full, atol=1e-5)
 
 
