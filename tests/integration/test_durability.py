@@ -150,7 +150,8 @@ def test_redis_killed_and_restarted_during_a_stream(make_server, tmp_path):
 
 def test_backpressure_slows_a_fast_client_and_drops_nothing(make_server, redis_url):
     # a slow Redis (not a dead one: the timeout outlasts the pause) means backpressure
-    server = make_server(stream_buffer=50, stream_batch=25, redis_timeout_s=5)
+    # (the timeout outlasts the 20 s wait below: on a busy machine the wait takes longer)
+    server = make_server(stream_buffer=50, stream_batch=25, redis_timeout_s=25)
     events = [make_event(i) for i in range(60_000)]
     for event in events:  # ~20 MB in all: more than gRPC's flow-control window can hold
         event.recommendation_id = "r" * 250
@@ -171,8 +172,8 @@ def test_backpressure_slows_a_fast_client_and_drops_nothing(make_server, redis_u
         admin.execute_command("CLIENT", "UNPAUSE")
     assert acked_while_paused == 0
     assert readings[-1] == readings[-2] < len(events), readings
-    streamer.join(60)
-    assert streamer.error is None
+    streamer.join(300)  # 60,000 events: seconds alone, minutes on a loaded machine
+    assert not streamer.is_alive() and streamer.error is None
     assert sorted(streamer.acked) == sorted(e.event_id for e in events)
     assert len(logged_event_ids(redis_url)) == len(events)
 
