@@ -19,7 +19,7 @@ from recsvc.ranking.generator import GeneratorScorer
 from recsvc.ranking.knn import KnnScorer
 from recsvc.ranking.lowrank import fit_item_factors
 from recsvc.ranking.mixture import tune_mixture
-from recsvc.ranking.pipeline import N_CANDIDATES, N_POPULAR
+from recsvc.ranking.pipeline import N_POPULAR
 from recsvc.ranking.popularity import PopularityScorer
 
 log = logging.getLogger("recsvc")
@@ -67,7 +67,7 @@ def fit_mixture(
     mixture = {
         "weights": choice.weights,
         "rank": choice.rank,
-        "n_candidates": N_CANDIDATES,
+        "n_candidates": choice.n_candidates,
         "n_popular": N_POPULAR,
         "validation": choice.metrics,
         "validation_grid": choice.grid,

@@ -86,3 +86,30 @@ def test_tuning_uses_the_low_rank_term_where_it_helps():
     assert choice.weights.get("lowrank", 0) > 0 and choice.rank in (4, 8)
     knn_only = [g for g in choice.grid if set(g["weights"]) <= {"knn", "popularity"}]
     assert not knn_only or knn_only[0]["ndcg"] <= choice.metrics["ndcg"]
+
+
+def test_fewest_candidates_keeps_the_smallest_count_that_ranks_as_well():
+    from recsvc.ranking.mixture import fewest_candidates
+
+    # two users, six candidates each (no popular head); the kNN orders them 0..5
+    knn = np.array([[6.0, 5, 4, 3, 2, 1], [6.0, 5, 4, 3, 2, 1]])
+    other = np.array([[0.0, 0, 0, 0, 0, 9], [0.0, 0, 0, 0, 0, 9]])  # likes the kNN's last
+    candidates = np.tile(np.arange(6), (2, 1))
+    usable = np.ones((2, 6), dtype=bool)
+    in_head = np.zeros((2, 6), dtype=bool)
+    n_relevant = np.array([1, 1])
+    common = dict(raw={"knn": knn, "other": other}, how={"knn": "sum", "other": "sum"},
+                  candidates=candidates, usable=usable, in_head=in_head, n_relevant=n_relevant,
+                  tie_break=np.zeros((2, 6)), n_candidates=6, n_popular=0, k=2)  # fmt: skip
+    # the held-out items are the kNN's favourites: two candidates rank them as well as six
+    top = np.zeros((2, 6), dtype=bool)
+    top[:, 0] = True
+    got = fewest_candidates(relevant=top, settings=[{"knn": 1.0}], best_ndcg=1.0,
+                            counts=(2, 4), **common)  # fmt: skip
+    assert got is not None and got[0] == 2 and got[1]["ndcg"] == 1.0
+    # held out: the item only the other scorer finds, last in the kNN's order: fewer
+    # candidates would drop it, so the full count stays
+    last = np.zeros((2, 6), dtype=bool)
+    last[:, 5] = True
+    assert fewest_candidates(relevant=last, settings=[{"knn": 0.1, "other": 1.0}],
+                             best_ndcg=1.0, counts=(2, 4), **common) is None  # fmt: skip
