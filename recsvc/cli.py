@@ -5,6 +5,7 @@ Nothing else lives here."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -49,6 +50,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("redis_url", args.redis_url),
             ("data_dir", args.data_dir),
             ("workers", args.workers),
+            ("variants", args.variants),  # (#13)
+            ("metrics_port", args.metrics_port),
+            ("impression_sample_rate", args.impression_sample_rate),
         )
         if value is not None
     }
@@ -60,16 +64,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export_feedback(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _redis_client(redis_url: str | None, data_dir: Path | None):  # type: ignore[no-untyped-def]
+    """A client of ``redis_url``, or of the server's embedded Redis in ``data_dir``:
+    the running one, else one started on its data for the duration."""
     import redis
 
-    from recsvc.store import EmbeddedRedis, export_feedback
+    from recsvc.store import EmbeddedRedis
 
-    settings = Settings(**({"redis_url": args.redis_url} if args.redis_url else {}))
+    settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
     embedded = None
     url = settings.redis_url
     if not url:  # the server's embedded Redis: use it if running, else start it on its data
-        embedded = EmbeddedRedis(args.data_dir or settings.data_dir)
+        embedded = EmbeddedRedis(data_dir or settings.data_dir)
         try:
             with redis.Redis.from_url(embedded.url, socket_timeout=1) as probe:
                 probe.ping()
@@ -78,12 +85,45 @@ def cmd_export_feedback(args: argparse.Namespace) -> int:
             url = embedded.start().url
     try:
         with redis.Redis.from_url(url) as client:
-            rows, last = export_feedback(client, args.out, trim=not args.no_trim)
+            yield client
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def cmd_export_feedback(args: argparse.Namespace) -> int:
+    from recsvc.store import export_feedback
+
+    with _redis_client(args.redis_url, args.data_dir) as client:
+        rows, last = export_feedback(client, args.out, trim=not args.no_trim)
     log.info("exported %d feedback events to %s (last entry %s)", rows, args.out, last)
     print(json.dumps({"rows": rows, "last_entry_id": last, "out": str(args.out)}))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """(#13) Per-variant CTR and conversions from the impression and feedback logs."""
+    import itertools
+
+    from recsvc.online.attribution import attribute
+    from recsvc.online.impressions import Impression
+    from recsvc.online.report import plot, read_feedback_csv, summarise, table
+    from recsvc.store.impressions import read_feedback_log, read_impressions
+
+    window_s = args.window_s or Settings().attribution_window_s
+    since_ms = int((time.time() - args.since_hours * 3600) * 1000) if args.since_hours else 0
+    with _redis_client(args.redis_url, args.data_dir) as client:
+        impressions = [Impression.from_fields(f) for f in read_impressions(client, since_ms)]
+        events = itertools.chain(read_feedback_log(client, since_ms),
+                                 read_feedback_csv(args.feedback or ()))  # fmt: skip
+        result = attribute(
+            impressions, events, window_s * 1000, int(args.bucket_s * 1000),
+            frozenset(args.click_types.split(",")), frozenset(args.conversion_types.split(",")),
+        )  # fmt: skip
+    summary = summarise(result, args.control)
+    print(json.dumps(summary, indent=1) if args.json else table(summary))
+    if args.plot:
+        plot(summary, args.plot)
     return 0
 
 
@@ -266,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="serving processes sharing the port (SO_REUSEPORT) [RECSVC_WORKERS=1]",
     )
+    # (#13) online metrics
+    serve.add_argument(
+        "--variants", type=Path, help="A/B variants file, JSON or TOML [RECSVC_VARIANTS]"
+    )
+    serve.add_argument(
+        "--metrics-port", type=int,
+        help="serve Prometheus /metrics on this port (0: off) [RECSVC_METRICS_PORT=0]",
+    )  # fmt: skip
+    serve.add_argument(
+        "--impression-sample-rate", type=float,
+        help="share of responses logged as impressions [RECSVC_IMPRESSION_SAMPLE_RATE=1]",
+    )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser(
@@ -305,6 +357,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep exported entries in the stream (default: trim them)",
     )
     export.set_defaults(func=cmd_export_feedback)
+
+    # (#13) online metrics
+    report = sub.add_parser(
+        "report", help="per-variant impressions, CTR and conversions from the online logs"
+    )
+    report.add_argument("--redis-url", help="Redis URL; unset: the embedded Redis of --data-dir")
+    report.add_argument("--data-dir", type=Path, help="embedded Redis data directory")
+    report.add_argument(
+        "--feedback", type=Path, action="append",
+        help="also read exported feedback (CSV of export-feedback); repeat for several",
+    )  # fmt: skip
+    report.add_argument(
+        "--window-s", type=int, help="attribution window [RECSVC_ATTRIBUTION_WINDOW_S=86400]"
+    )
+    report.add_argument("--since-hours", type=float, help="only impressions of the last hours")
+    report.add_argument("--bucket-s", type=float, default=3600, help="time bucket (default 1 h)")
+    report.add_argument("--control", help="variant the others are tested against "
+                        "(default: control, else default, else the first by name)")  # fmt: skip
+    report.add_argument("--click-types", default="click", help="event types that count as a click")
+    report.add_argument(
+        "--conversion-types", default="purchase", help="event types that count as a conversion"
+    )
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.add_argument("--plot", type=Path, help="write CTR over time per variant to this PNG")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -125,6 +125,36 @@ class Settings(BaseSettings):
     )
     max_generate: int = Field(100, ge=1, description="largest n a Generate may ask for")
 
+    # Online metrics: impressions, attribution, A/B variants, Prometheus (#13)
+    impression_sample_rate: float = Field(
+        1.0, ge=0, le=1,
+        description="share of Recommend/Generate responses logged as impressions (by a hash "
+        "of the recommendation id, so a report can tell unsampled lists apart)",
+    )  # fmt: skip
+    impression_retention_s: int = Field(
+        14 * 86400, ge=60, description="impressions older than this are trimmed from the log"
+    )
+    impression_maxlen: int = Field(
+        5_000_000, ge=1000, description="approximate cap on the impression log's length"
+    )
+    impression_queue: int = Field(
+        20_000, ge=1, description="impressions waiting to be written; beyond it they are dropped "
+        "(and counted), never waited for",
+    )  # fmt: skip
+    impression_flush_s: float = Field(
+        0.05, gt=0, le=10, description="longest an impression waits before its batch is written"
+    )
+    attribution_window_s: int = Field(
+        86400, ge=1, description="feedback later than this after its impression counts as late"
+    )
+    variants: Path | None = Field(None, description="A/B variants file (JSON or TOML)")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="serve Prometheus metrics on this port (0: off)"
+    )
+    metrics_dir: Path | None = Field(
+        None, description="prometheus-client multiprocess directory (set for --workers N)"
+    )
+
     log_level: str = Field("INFO")
 
     @field_validator("event_weights")

@@ -102,6 +102,7 @@ class Recommendation:
     model_version: str
     personalized: bool
     degraded_reason: str = ""
+    strategy: str = ""  # (#13) the strategy that ranked it, for the impression log
 
     @property
     def degraded(self) -> bool:
@@ -217,16 +218,19 @@ class Engine:
         self.model = model
 
     async def _history(
-        self, model: CFModel, user_id: str, with_vector: bool = False
+        self, model: CFModel, user_id: str, with_vector: bool = False, feedback: bool = True
     ) -> tuple[np.ndarray, np.ndarray, str, CachedVector | None]:
         """The user's merged history (training + feedback), as unique item indices
         and summed weights, why it is degraded (empty if it is not), and the
-        cached generator vector when asked for."""
+        cached generator vector when asked for. Without ``feedback``, the
+        training history alone (an A/B variant whose user state is frozen)."""
         train_items, train_weights = model.training_history(user_id)
         degraded = ""
         feedback_ids: list[str] = []
         feedback_weights = np.empty(0, dtype=np.float64)
         cached = None
+        if not feedback:
+            return train_items, train_weights, degraded, cached
         if self.store_available:
             try:
                 feedback_ids, feedback_weights, cached = await self.store.get_history(
@@ -319,16 +323,20 @@ class Engine:
         include_seen: bool = False,
         strategy: str = "",
         blend_weight: float | None = None,
+        model: CFModel | None = None,
+        feedback: bool = True,
     ) -> Recommendation:
         """Top-k for a user by CF (filled up with popular items), by the
-        generator, or by a blend of the two."""
+        generator, or by a blend of the two; with ``model`` (an A/B variant's
+        bundle) instead of the served one, and without ``feedback``, from the
+        training history alone."""
         self._check_id("user_id", user_id)
         self._check_k(k)
         self._check_filter("exclude_item_ids", exclude_item_ids)
         self._check_filter("restrict_item_ids", restrict_item_ids)
         if blend_weight is not None and not 0 <= blend_weight <= 1:
             raise InvalidArgument(f"blend_weight must be in [0, 1], got {blend_weight}")
-        model = self.model  # one model for the whole call, even if a reload swaps it
+        model = model or self.model  # one model for the whole call, even if a reload swaps it
         strategy = self._strategy(model, strategy)
         exclude = model.items.indices(exclude_item_ids) if exclude_item_ids else None
         restrict = None
@@ -338,7 +346,7 @@ class Engine:
 
         use_generator = model.generator is not None and strategy != STRATEGY_CF
         items, weights, degraded, cached = await self._history(
-            model, user_id, with_vector=use_generator
+            model, user_id, with_vector=use_generator and feedback, feedback=feedback
         )
         if strategy == STRATEGY_BLEND and model.pipeline is not None and len(items):
             pipeline = model.pipeline
@@ -385,6 +393,7 @@ class Engine:
             model_version=model.model_version,
             personalized=personalized,
             degraded_reason=degraded,
+            strategy=strategy,
         )
 
     @staticmethod
@@ -442,8 +451,11 @@ class Engine:
         diversity: float | None = None,
         neighbours: int = 0,
         exclude_item_ids: Sequence[str] = (),
+        model: CFModel | None = None,
+        feedback: bool = True,
     ) -> Generation:
-        """``n`` generated items for a user (see :mod:`recsvc.generate`)."""
+        """``n`` generated items for a user (see :mod:`recsvc.generate`); ``model``
+        and ``feedback`` as in :meth:`recommend`."""
         self._check_id("user_id", user_id)
         if not 1 <= n <= self.settings.max_generate:
             raise InvalidArgument(f"n must be between 1 and {self.settings.max_generate}, got {n}")
@@ -457,7 +469,7 @@ class Engine:
         if not 1 <= neighbours <= 20:
             raise InvalidArgument(f"neighbours must be between 1 and 20, got {neighbours}")
         self._check_filter("exclude_item_ids", exclude_item_ids)
-        model = self.model
+        model = model or self.model
         generator = model.generator
         if generator is None:
             raise InvalidArgument(
@@ -470,7 +482,9 @@ class Engine:
         exclude = model.items.indices(exclude_item_ids) if exclude_item_ids else None
         if exclude is not None:
             exclude = exclude[exclude >= 0]
-        items, weights, degraded, cached = await self._history(model, user_id, with_vector=True)
+        items, weights, degraded, cached = await self._history(
+            model, user_id, with_vector=feedback, feedback=feedback
+        )
         mu = await self._latent(generator, user_id, items, weights, cached)
         result = generator.generate(
             mu, items, n, temperature, seed, diversity, neighbours,

@@ -18,13 +18,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
+from recsvc.api import metrics as metrics_mod
 from recsvc.api.servicer import RecommenderServicer, add_servicer
 from recsvc.bundle import BundleError, read_manifest
 from recsvc.config import Settings, redact_url
 from recsvc.engine import Engine, load_model
 from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, RecsvcError
+from recsvc.online.impressions import ImpressionLog
+from recsvc.online.service import OnlineService
+from recsvc.online.variants import VariantSet
 from recsvc.similarity import CFModel
 from recsvc.store import EmbeddedRedis, UserStore, die_with_parent, free_port
+from recsvc.store.impressions import ImpressionWriter
 from recsvc.v1 import recommender_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,12 @@ class RecsvcServer:
         self._model_dir = Path()
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
+        # (#13) impressions, variants, metrics
+        self.impressions: ImpressionLog | None = None
+        self.metrics: metrics_mod.Metrics | None = None
+        self.metrics_port = 0
+        self._metrics_http: object | None = None
+        self._metrics_poller: asyncio.Task[None] | None = None
 
     @property
     def redis_url(self) -> str:
@@ -90,14 +101,22 @@ class RecsvcServer:
             stream_maxlen=settings.stream_maxlen,
         )
         self.engine = Engine(model, store, settings)
+        online = self._online(model, store)
 
+        interceptors: list[grpc.aio.ServerInterceptor] = []  # auth, admission, metrics...
+        if settings.metrics_port or metrics_mod.multiprocess_worker():
+            self.metrics = metrics_mod.Metrics()
+            interceptors.append(metrics_mod.MetricsInterceptor(self.metrics))
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", int(settings.reuse_port)),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ]
         )
-        add_servicer(RecommenderServicer(self.engine, settings, self.reload_model), server)
+        add_servicer(
+            RecommenderServicer(self.engine, settings, self.reload_model, online), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -112,11 +131,49 @@ class RecsvcServer:
         self._monitor = asyncio.create_task(self._monitor_health())
         if settings.model_watch_s > 0:
             self._watcher = asyncio.create_task(self._watch_model())
+        self._start_metrics()
         # everything loaded so far lives as long as the process: keep it out of the
         # collector's full passes (~110k container objects, milliseconds per pass)
         gc.freeze()
         log.info("serving on port %d", self.port, extra={"rss_mb": rss_mb(), "pid": os.getpid()})
         return self.port
+
+    def _online(self, model: CFModel, store: UserStore) -> OnlineService:
+        """Variants (each variant's bundle loaded once) and the impression log."""
+        settings = self.settings
+        assert self.engine is not None
+        variants = VariantSet.load(settings.variants) if settings.variants else VariantSet.single()
+        models = variants.load_bundles(
+            lambda path: model if path == self._model_dir else load_model(path)
+        )
+        if len(variants.variants) > 1:
+            log.info("variants: %s", ", ".join(f"{v.name}={v.share:g}" for v in variants.variants))
+        self.impressions = ImpressionLog(
+            ImpressionWriter(store.client, settings.impression_maxlen,
+                             settings.impression_retention_s),
+            sample_rate=settings.impression_sample_rate,
+            queue_cap=settings.impression_queue,
+            flush_s=settings.impression_flush_s,
+        )  # fmt: skip
+        self.impressions.start()
+        return OnlineService(self.engine, variants, self.impressions, models)
+
+    def _start_metrics(self) -> None:
+        """Serve /metrics (one process), or only write them (a worker of several)."""
+        if self.metrics is None:
+            return
+        assert self.engine is not None
+        self.metrics.poll(self.engine, self.impressions)
+        self._metrics_poller = asyncio.create_task(
+            self.metrics.poll_forever(self.engine, self.impressions)
+        )
+        if not metrics_mod.multiprocess_worker():
+            http = metrics_mod.serve_metrics(
+                self.metrics, self.settings.host, self.settings.metrics_port
+            )
+            self._metrics_http = http
+            self.metrics_port = http.server_port  # type: ignore[attr-defined]
+            log.info("metrics on port %d", self.metrics_port)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -199,6 +256,14 @@ class RecsvcServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self.impressions is not None:
+            await self.impressions.close()
+        if self._metrics_poller is not None:
+            self._metrics_poller.cancel()
+            if self.metrics is not None and self.engine is not None:
+                self.metrics.poll(self.engine, self.impressions)  # the last counts
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)  # type: ignore[attr-defined]
         if self.engine is not None:
             cache = self.engine.store.cache
             log.info(
@@ -265,6 +330,16 @@ def serve_workers(settings: Settings) -> int:
         redis_url = embedded.url
     port = settings.port or free_port(settings.host)
     env = _worker_env(settings, redis_url, port)
+    metrics_dir, metrics_http = None, None
+    if settings.metrics_port:  # (#13) workers write files, this process serves their sum
+        metrics_dir = metrics_mod.prepare_multiprocess_dir(
+            (settings.metrics_dir or settings.data_dir / "metrics").resolve()
+        )
+        env[metrics_mod.MULTIPROC_ENV] = str(metrics_dir)
+        metrics_http = metrics_mod.serve_multiprocess(
+            metrics_dir, settings.host, settings.metrics_port
+        )
+        log.info("metrics on port %d", metrics_http.server_port)
     command = [sys.executable, "-m", "recsvc.cli", "serve"]
     workers = [
         subprocess.Popen(command, env=env, preexec_fn=die_with_parent)
@@ -286,6 +361,10 @@ def serve_workers(settings: Settings) -> int:
     finally:
         forward(signal.SIGTERM, None)  # one worker died: stop the rest too
         codes = [w.wait() for w in workers]
+        if metrics_http is not None and metrics_dir is not None:
+            metrics_http.shutdown()
+            for worker in workers:
+                metrics_mod.worker_exited(metrics_dir, worker.pid)
         if embedded is not None:
             embedded.stop()
     # a worker still starting when we asked it to stop dies of the SIGTERM itself

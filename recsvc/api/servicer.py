@@ -30,6 +30,7 @@ from recsvc.engine import (
     Engine,
 )
 from recsvc.errors import InvalidArgument, RecsvcError
+from recsvc.online.service import OnlineService
 from recsvc.similarity import CFModel
 from recsvc.state.feedback import FeedbackEvent, event_problems
 from recsvc.v1 import recommender_pb2 as pb
@@ -154,43 +155,52 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         engine: Engine,
         settings: Settings,
         reload_model: Callable[[str], Awaitable[CFModel]],
+        online: OnlineService | None = None,
     ):
         self.engine = engine
         self.settings = settings
         self._reload_model = reload_model
+        # (#13) Recommend/Generate go through variants and the impression log
+        self.online = online or OnlineService(engine)
 
     @_status_errors
     async def Recommend(self, request: pb.RecommendRequest, context: Any) -> pb.RecommendResponse:
         if request.strategy not in STRATEGIES:
             raise InvalidArgument(f"unknown strategy {request.strategy}")
-        rec = await self.engine.recommend(
+        served = await self.online.recommend(
             request.user_id,
             request.k,
+            variant=request.variant,
             exclude_item_ids=request.exclude_item_ids,
             restrict_item_ids=request.restrict_item_ids,
             include_seen=request.include_seen,
             strategy=STRATEGIES[request.strategy],
             blend_weight=request.blend_weight if request.HasField("blend_weight") else None,
         )
+        rec = served.result
         reply = pb.RecommendResponse(
             recommendation_id=rec.recommendation_id,
             model_version=rec.model_version,
             degraded=rec.degraded,
             degraded_reason=rec.degraded_reason,
             personalized=rec.personalized,
+            variant=served.variant,
         )
         add = reply.items.add  # ~twice as fast as building a list of ScoredItem messages
         for item_id, score, source in zip(
             rec.item_ids, rec.scores.tolist(), rec.sources, strict=True
         ):
             add(item_id=item_id, score=score, source=SOURCES[source])
+        for item, team in zip(reply.items, served.teams, strict=False):
+            item.team = team
         return reply
 
     @_status_errors
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
-        generation = await self.engine.generate(
+        served = await self.online.generate(
             request.user_id,
             request.n,
+            variant=request.variant,
             topic=request.topic,
             temperature=request.temperature if request.HasField("temperature") else None,
             seed=request.seed if request.HasField("seed") else None,
@@ -198,6 +208,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             neighbours=request.neighbours,
             exclude_item_ids=request.exclude_item_ids,
         )
+        generation = served.result
         return pb.GenerateResponse(
             items=[
                 pb.GeneratedItem(
@@ -216,6 +227,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             seed=generation.seed,
             degraded=bool(generation.degraded_reason),
             degraded_reason=generation.degraded_reason,
+            variant=served.variant,
         )
 
     @_status_errors

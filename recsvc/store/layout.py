@@ -10,6 +10,11 @@ prefix ``recsvc:v1:``. Per user ``{u}`` (the external user id, verbatim):
 
 and one stream ``recsvc:v1:feedback``: the durable feedback log.
 
+(#13) One stream ``recsvc:v1:impressions``: what each Recommend/Generate
+response showed (fields: ``IMPRESSION_FIELDS``), trimmed by age (MINID) and
+length (MAXLEN ~). A single key, so it lives in one Redis Cluster slot and is
+always passed to commands by name, never built inside a script.
+
 Each event is applied by a Lua script, atomically: the duplicate check, the
 history update and cap, the TTLs and the XADD to the log happen together or
 not at all, so a crash can never leave an event half-applied.
@@ -19,6 +24,12 @@ from __future__ import annotations
 
 PREFIX = "recsvc:v1:"
 FEEDBACK_STREAM = PREFIX + "feedback"
+IMPRESSION_STREAM = PREFIX + "impressions"  # (#13)
+# rid: recommendation id; kind: recommend | generate; items: JSON array of item ids
+# (their positions are the array's); teams: JSON array, the variant of each position
+# in an interleaved list, else empty; ts_ms: server time of the response
+IMPRESSION_FIELDS = ("rid", "user", "variant", "strategy", "model", "kind", "items", "teams",
+                     "ts_ms")  # fmt: skip
 USER_PREFIX = PREFIX + "user:"
 
 
