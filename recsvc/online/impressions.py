@@ -40,21 +40,18 @@ class Impression:
     ts_ms: int
     teams: Sequence[str] = ()  # per position, for an interleaved list
 
-    def fields(self) -> dict[str, str]:
-        """The stream entry (``recsvc.store.layout.IMPRESSION_FIELDS``)."""
-        return {
-            "rid": self.recommendation_id, "user": self.user_id, "variant": self.variant,
-            "strategy": self.strategy, "model": self.model_version, "kind": self.kind,
-            "items": json.dumps(list(self.items)), "teams": json.dumps(list(self.teams)),
-            "ts_ms": str(self.ts_ms),
-        }  # fmt: skip
+    def to_json(self) -> str:
+        """The stream entry (``recsvc.store.layout.IMPRESSION_FIELD``)."""
+        return json.dumps(
+            [self.recommendation_id, self.user_id, self.variant, self.strategy,
+             self.model_version, self.kind, list(self.items), list(self.teams), self.ts_ms],
+            separators=(",", ":"),
+        )  # fmt: skip
 
     @classmethod
-    def from_fields(cls, f: dict[str, str]) -> Impression:
-        return cls(
-            f["rid"], f["user"], f["variant"], f["strategy"], f["model"], f["kind"],
-            json.loads(f["items"]), int(f["ts_ms"]), json.loads(f.get("teams") or "[]"),
-        )  # fmt: skip
+    def from_json(cls, text: str) -> Impression:
+        rid, user, variant, strategy, model, kind, items, teams, ts_ms = json.loads(text)
+        return cls(rid, user, variant, strategy, model, kind, items, int(ts_ms), teams)
 
 
 def sampled(recommendation_id: str, rate: float) -> bool:
@@ -125,7 +122,7 @@ class ImpressionLog:
         while self._pending:
             batch = self._pending[: self.batch]
             try:
-                await self.writer.append([i.fields() for i in batch], int(time.time() * 1000))
+                await self.writer.append([i.to_json() for i in batch], int(time.time() * 1000))
             except StoreError as exc:
                 self.write_errors += 1
                 if not self._failing:

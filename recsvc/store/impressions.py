@@ -6,37 +6,59 @@ online package decides what goes in it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from recsvc.store.errors import store_errors
-from recsvc.store.layout import FEEDBACK_STREAM, IMPRESSION_STREAM
+from recsvc.store.layout import (
+    APPEND_IMPRESSIONS_LUA,
+    FEEDBACK_STREAM,
+    IMPRESSION_CHUNK,
+    IMPRESSION_FIELD,
+    IMPRESSION_STREAM,
+)
 
 
 class ImpressionWriter:
-    """Appends impressions to the stream, each batch in one pipelined round trip,
-    trimming it by length and by age as it goes."""
+    """Appends impressions to the stream (``APPEND_IMPRESSIONS_LUA``), trimming it
+    by length and by age as it goes; a batch is one pipelined round trip."""
 
     def __init__(self, client: aioredis.Redis, maxlen: int, retention_s: int):
         self.client = client
         self.maxlen = maxlen
         self.retention_ms = retention_s * 1000
+        self._sha = hashlib.sha1(APPEND_IMPRESSIONS_LUA.encode()).hexdigest()
 
     @store_errors
-    async def append(self, entries: Sequence[Mapping[str, str]], now_ms: int) -> None:
-        """Write ``entries``; returns once Redis has them (fsynced under appendfsync always)."""
+    async def append(self, entries: Sequence[str], now_ms: int) -> None:
+        """Write ``entries`` (each an impression's JSON text); returns once Redis
+        has them (fsynced under appendfsync always)."""
+        try:
+            await self._append(entries, now_ms)
+        except NoScriptError:  # Redis restarted and lost its script cache
+            await self.client.script_load(APPEND_IMPRESSIONS_LUA)
+            await self._append(entries, now_ms)
+
+    async def _append(self, entries: Sequence[str], now_ms: int) -> None:
+        min_id = max(now_ms - self.retention_ms, 0)
         async with self.client.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                pipe.xadd(IMPRESSION_STREAM, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-            pipe.xtrim(IMPRESSION_STREAM, minid=now_ms - self.retention_ms, approximate=True)
-            await pipe.execute()
+            for start in range(0, len(entries), IMPRESSION_CHUNK):
+                chunk = entries[start : start + IMPRESSION_CHUNK]
+                pipe.evalsha(self._sha, 1, IMPRESSION_STREAM, self.maxlen, min_id, *chunk)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
 
 
 def _read_stream(
     client: redis.Redis, key: str, since_ms: int, batch: int
 ) -> Iterator[dict[str, str]]:
+    """A stream's entries (field -> value, decoded) from ``since_ms`` on, oldest first."""
     start = f"{since_ms}-0" if since_ms > 0 else "-"
     while True:
         entries = client.xrange(key, min=start, max="+", count=batch)
@@ -49,9 +71,11 @@ def _read_stream(
 
 def read_impressions(
     client: redis.Redis, since_ms: int = 0, batch: int = 10_000
-) -> Iterator[dict[str, str]]:
-    """The impressions still in the log (newer than ``since_ms``), oldest first."""
-    return _read_stream(client, IMPRESSION_STREAM, since_ms, batch)
+) -> Iterator[str]:
+    """The impressions still in the log (newer than ``since_ms``), oldest first,
+    each as the JSON text it was written as."""
+    for fields in _read_stream(client, IMPRESSION_STREAM, since_ms, batch):
+        yield fields[IMPRESSION_FIELD]
 
 
 def read_feedback_log(

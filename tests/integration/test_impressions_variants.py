@@ -118,7 +118,7 @@ def test_impression_entries_and_sticky_assignment(make_server, redis_url, tmp_pa
     assert again == first
     wait_written(server, 60)
     client = redis.Redis.from_url(redis_url)
-    logged = [Impression.from_fields(f) for f in read_impressions(client)]
+    logged = [Impression.from_json(f) for f in read_impressions(client)]
     assert len(logged) == 60
     imp = logged[0]
     assert imp.user_id == "u0" and imp.variant == first["u0"] and imp.kind == "recommend"
