@@ -1,10 +1,11 @@
-"""Command line: python -m loadtest {run,stream,freshness,merge,empty-server} ..."""
+"""Command line: python -m loadtest {run,stream,freshness,merge,empty-server,simulate} ..."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from recsvc import aio
 
@@ -243,6 +244,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-error", action="store_true")
     p.set_defaults(func=cmd_merge)
 
+    # (#13) simulated users who respond
+    p = sub.add_parser(
+        "simulate",
+        help="simulated users who click held-out items: online CTR per variant over rounds",
+        description="Users whose true preferences (a held-out test split) the server never "
+        "sees ask for lists, click shown held-out items with position bias, send the clicks "
+        "back with the recommendation_id, and come back; CTR per variant and round.",
+    )
+    p.add_argument("--target", required=True, metavar="HOST:PORT")
+    p.add_argument("--allow-remote", action="store_true")
+    p.add_argument("--test", required=True, type=Path, help="held-out split ('user item ...')")
+    p.add_argument("--users", type=int, default=2000, help="simulated users (a random sample)")
+    p.add_argument("--rounds", type=int, default=10, help="visits per user")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument(
+        "--position-bias", type=float, default=1.0,
+        help="a shown held-out item at position p is clicked with probability 1/(1+p)^BIAS",
+    )  # fmt: skip
+    p.add_argument(
+        "--variants", default="",
+        help="comma-separated variants to override per user (user i: variant i mod n); "
+        "default: the server's assignment",
+    )  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=16, help="users in flight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", metavar="OUT.json", help="write the JSON report here")
+    p.add_argument("--plot", metavar="OUT.png", help="write CTR per variant per round (PNG)")
+    p.set_defaults(func=cmd_simulate)
+
     p = sub.add_parser(
         "empty-server",
         help="a do-nothing Recommender server (the gRPC ceiling)",
@@ -397,6 +427,30 @@ def cmd_empty_server(args) -> int:
     from .empty_server import main as empty_main
 
     return empty_main(args)
+
+
+def cmd_simulate(args) -> int:
+    from .report import write_json
+    from .simulate import SimulateConfig, format_simulation, plot_simulation, simulate
+
+    cfg = SimulateConfig(
+        target=check_target(args.target, args.allow_remote),
+        test=args.test,
+        users=args.users,
+        rounds=args.rounds,
+        k=args.k,
+        bias=args.position_bias,
+        variants=[v for v in args.variants.split(",") if v],
+        concurrency=args.concurrency,
+        seed=args.seed,
+    )
+    report = _execute(lambda stop: simulate(cfg, stop), args)
+    print(format_simulation(report))
+    if args.report:
+        write_json(report, args.report)
+    if args.plot:
+        plot_simulation(report, args.plot)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,9 +69,7 @@ def _read_stream(
         start = "(" + entries[-1][0].decode()
 
 
-def read_impressions(
-    client: redis.Redis, since_ms: int = 0, batch: int = 10_000
-) -> Iterator[str]:
+def read_impressions(client: redis.Redis, since_ms: int = 0, batch: int = 10_000) -> Iterator[str]:
     """The impressions still in the log (newer than ``since_ms``), oldest first,
     each as the JSON text it was written as."""
     for fields in _read_stream(client, IMPRESSION_STREAM, since_ms, batch):
