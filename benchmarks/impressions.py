@@ -53,6 +53,18 @@ def start(model: Path, rate: float) -> tuple[subprocess.Popen[bytes], int, str]:
     return proc, port, data_dir
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pids(server: tuple[subprocess.Popen[bytes], int, str]) -> tuple[int, int]:
+    """The server's pid and its embedded Redis's."""
+    return server[0].pid, int((Path(server[2]) / "redis.pid").read_text())
+
+
 def stats(ms: list[float]) -> tuple[float, str]:
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return p50, f"p50 {p50:.3f} ms  p90 {p90:.3f} ms  p99 {p99:.3f} ms  (n={len(ms)})"
@@ -79,7 +91,7 @@ async def in_process(n: int, k: int) -> None:
         await client.aclose()
     print(f"in-process, k={k}: record {record_us:.2f} us per impression (on the reply's path); "
           f"background write {write_us:.1f} us per impression in batches of {log.batch} "
-          "(serialise + XADD pipeline, appendfsync always)")  # fmt: skip
+          "(JSON + one script call per 200, appendfsync always)")  # fmt: skip
 
 
 def main() -> None:
@@ -103,16 +115,25 @@ def main() -> None:
             for stub in stubs:
                 stub.Recommend(pb.RecommendRequest(user_id=user, k=args.k))
         times: list[list[float]] = [[], []]
+        before = [[cpu_s(p) for p in pids(s)] for s in servers]
         for n, user in enumerate(users):
             order = (0, 1) if n % 2 else (1, 0)
             for s in order:
                 started = time.perf_counter()
                 stubs[s].Recommend(pb.RecommendRequest(user_id=user, k=args.k))
                 times[s].append((time.perf_counter() - started) * 1000)
+        time.sleep(0.2)  # the last batch of impressions
+        after = [[cpu_s(p) for p in pids(s)] for s in servers]
+        cpu_us = [[(a - b) / len(users) * 1e6 for a, b in zip(aa, bb, strict=True)]
+                  for aa, bb in zip(after, before, strict=True)]  # fmt: skip
         on, off = stats(times[0]), stats(times[1])
         print("gRPC Recommend, impressions on:  " + on[1])
         print("gRPC Recommend, impressions off: " + off[1])
         print(f"p50 on / off: {on[0] / off[0]:.3f}")
+        for name, (server_us, redis_us) in zip(("on", "off"), cpu_us, strict=True):
+            tick_us = 1e4 / len(users)  # /proc counts 10 ms clock ticks
+            print(f"CPU per call, impressions {name}: server {server_us:.0f} us, "
+                  f"its Redis {redis_us:.0f} us (+-{tick_us:.0f} us)")  # fmt: skip
         time.sleep(0.5)
         with redis.Redis.from_url(EmbeddedRedis(servers[0][2]).url) as client:
             print(f"impressions logged by the first server: {client.xlen(IMPRESSION_STREAM)} "

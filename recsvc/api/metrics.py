@@ -24,11 +24,14 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess as prom_multiprocess
 
+from recsvc.v1 import recommender_pb2 as pb
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
                    0.512, 1.024, 2.048, 4.096)  # fmt: skip
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+EVENT_TYPE_NAMES = {v.number: v.name.lower() for v in pb.EventType.DESCRIPTOR.values}
 
 
 class Metrics:
@@ -85,8 +88,17 @@ class Metrics:
         self.impression_errors = Counter(
             "recsvc_impression_write_errors", "failed impression writes (retried)", registry=r
         )
+        self.attributed = Counter(
+            "recsvc_attributed_events",
+            "feedback events received with a recommendation id, by the variant of the list "
+            "this process served under that id (unknown: not served here recently)",
+            ["variant", "type"],
+            registry=r,
+        )
         self._seen: dict[str, float] = {}
         self._version = ""
+        self._lists: dict[str, str] = {}  # recent recommendation id -> variant, oldest first
+        self.recent_lists = 50_000
 
     # -- the interceptor's bookkeeping ------------------------------------------
 
@@ -104,6 +116,20 @@ class Metrics:
             self.feedback.labels("applied").inc(len(response.event_ids) - dup)
             self.feedback.labels("duplicate").inc(dup)
             self.feedback.labels("rejected").inc(len(response.rejected))
+
+    def served(self, response: Any) -> None:
+        """Remember which variant served a Recommend/Generate response."""
+        rid = getattr(response, "recommendation_id", "") or getattr(response, "generation_id", "")
+        if rid:
+            self._lists[rid] = response.variant
+            if len(self._lists) > self.recent_lists:
+                del self._lists[next(iter(self._lists))]
+
+    def feedback_events(self, events: Any) -> None:
+        for event in events:
+            if event.recommendation_id:
+                variant = self._lists.get(event.recommendation_id, "unknown")
+                self.attributed.labels(variant, EVENT_TYPE_NAMES.get(event.type, "other")).inc()
 
     # -- the poller ------------------------------------------------------------
 
@@ -167,6 +193,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
         metrics = self.metrics
         feedback = method in ("SendFeedback", "StreamFeedback")
+        serves_lists = method in ("Recommend", "Generate")
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
@@ -178,6 +205,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     code = "OK"
                     if feedback:
                         metrics.feedback_response(response)
+                        metrics.feedback_events(request.events)
+                    elif serves_lists:
+                        metrics.served(response)
                     return response
                 except asyncio.CancelledError:
                     code = "CANCELLED"
@@ -196,6 +226,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 started = time.perf_counter()
                 code = "UNKNOWN"
                 try:
+                    if feedback:
+                        requests = _tap_events(requests, metrics)
                     async for response in inner_stream(requests, context):
                         if feedback:
                             metrics.feedback_response(response)
@@ -211,6 +243,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return handler._replace(stream_stream=stream)  # type: ignore[attr-defined, no-any-return]
         return handler  # unary-stream and stream-unary: not served by recsvc
+
+
+async def _tap_events(requests: AsyncIterator[Any], metrics: Metrics) -> AsyncIterator[Any]:
+    """Pass a feedback stream's messages on, counting attributed events as they arrive."""
+    async for message in requests:
+        if hasattr(message, "recommendation_id"):  # not a message that failed to parse
+            metrics.feedback_events((message,))
+        yield message
 
 
 def listen_host(host: str) -> str:

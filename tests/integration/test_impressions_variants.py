@@ -176,3 +176,42 @@ def test_interleaved_variant_credits_teams(make_server, redis_url, tmp_path, cap
     out = report(capsys, redis_url)
     wins = out["variants"]["ab"]["interleaving"]["wins"]
     assert wins == {"control": 2, "tie": 1} and out["variants"]["ab"]["clicked"] == 3
+
+
+def test_generate_is_logged_and_attributed_by_nearest_item(
+    make_server, generator_model_dir, redis_url, capsys
+):
+    server = make_server(model=generator_model_dir)
+    reply = server.stub.Generate(pb.GenerateRequest(user_id="u1", n=2, seed=7))
+    assert reply.variant == "default"
+    clicked = reply.items[1].nearest_items[-1].item_id  # any nearest item of the 2nd item
+    server.stub.SendFeedback(pb.SendFeedbackRequest(events=[
+        event("g1", "u1", clicked, pb.CLICK, reply.generation_id)]))  # fmt: skip
+    wait_written(server, 1)
+    out = report(capsys, redis_url)
+    row = out["variants"]["default"]
+    assert (row["impressions"], row["clicked"]) == (1, 1) and set(row["by_strategy"]) == {
+        "generate"}  # fmt: skip
+    assert row["by_position"]["1"]["clicked"] == 1
+
+
+def test_impressions_queued_at_shutdown_are_written(make_server, redis_url):
+    server = make_server(impression_flush_s=10)  # nothing is written before the stop
+    for i in range(7):
+        server.stub.Recommend(pb.RecommendRequest(user_id=f"u{i}", k=3))
+    assert server.server.impressions.written == 0
+    server.run(server.server.stop(0))  # (safe to repeat: the fixture stops it again)
+    client = redis.Redis.from_url(redis_url)
+    assert len(list(read_impressions(client))) == 7
+
+
+def test_sampling_logs_the_share_asked_for(make_server, redis_url):
+    server = make_server(impression_sample_rate=0.5)
+    replies = [server.stub.Recommend(pb.RecommendRequest(user_id=f"u{i % 40}", k=2))
+               for i in range(200)]  # fmt: skip
+    expected = {r.recommendation_id for r in replies if int(r.recommendation_id[:8], 16) < 2**31}
+    assert 60 < len(expected) < 140
+    wait_written(server, len(expected))
+    logged = {Impression.from_json(f).recommendation_id
+              for f in read_impressions(redis.Redis.from_url(redis_url))}  # fmt: skip
+    assert logged == expected

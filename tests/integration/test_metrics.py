@@ -34,14 +34,17 @@ def value(samples, name, **labels):
 
 
 def make_calls(stub):
+    rid = ""
     for i in range(5):
-        stub.Recommend(pb.RecommendRequest(user_id=f"u{i}", k=3))
+        rid = stub.Recommend(pb.RecommendRequest(user_id=f"u{i}", k=3)).recommendation_id
     with pytest.raises(grpc.RpcError):
         stub.Recommend(pb.RecommendRequest(user_id="u1", k=0))  # INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError):
         stub.SimilarItems(pb.SimilarItemsRequest(item_id="nope", k=3))  # NOT_FOUND
     events = [pb.FeedbackEvent(event_id=f"e{i}", user_id="u1", item_id="a1", type=pb.CLICK)
               for i in range(3)]  # fmt: skip
+    events[1].recommendation_id = rid  # served by this process
+    events[2].recommendation_id = "elsewhere"
     stub.SendFeedback(pb.SendFeedbackRequest(events=events))
     stub.SendFeedback(pb.SendFeedbackRequest(events=events[:1]))  # a duplicate
     with pytest.raises(grpc.RpcError):  # two invalid events
@@ -67,6 +70,9 @@ def check_counts(samples):
     assert value(samples, fb, outcome="applied") == 4
     assert value(samples, fb, outcome="duplicate") == 1
     assert value(samples, fb, outcome="rejected") == 3
+    attributed = "recsvc_attributed_events_total"
+    assert value(samples, attributed, variant="default", type="click") == 1
+    assert value(samples, attributed, variant="unknown", type="click") == 1
 
 
 def worker_recommends(directory, scratch):
