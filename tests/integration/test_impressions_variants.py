@@ -184,7 +184,9 @@ def test_generate_is_logged_and_attributed_by_nearest_item(
     server = make_server(model=generator_model_dir)
     reply = server.stub.Generate(pb.GenerateRequest(user_id="u1", n=2, seed=7))
     assert reply.variant == "default"
-    clicked = reply.items[1].nearest_items[-1].item_id  # any nearest item of the 2nd item
+    first = {i.item_id for i in reply.items[0].nearest_items}
+    # any nearest item of the 2nd generated item (its position: 1)
+    clicked = next(i.item_id for i in reply.items[1].nearest_items if i.item_id not in first)
     server.stub.SendFeedback(pb.SendFeedbackRequest(events=[
         event("g1", "u1", clicked, pb.CLICK, reply.generation_id)]))  # fmt: skip
     wait_written(server, 1)
