@@ -29,7 +29,9 @@ import numpy as np
 
 from recsvc.v1 import recommender_pb2 as pb
 
-from .common import close_channels, open_channels
+from .common import close_channels, error_name, open_channels
+
+RETRIES = 5  # a feedback batch refused as UNAVAILABLE is resent (event ids make it safe)
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Tally:
     lists: int = 0
     clicked_lists: int = 0
     clicks: int = 0
-    hidden_left: int = 0
+    degraded: int = 0  # lists served without the user's state (Redis unreachable)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -71,6 +73,7 @@ class Tally:
             "clicks": self.clicks,
             "ctr": self.clicked_lists / self.lists if self.lists else 0.0,
             "clicks_per_list": self.clicks / self.lists if self.lists else 0.0,
+            "degraded_lists": self.degraded,
         }
 
 
@@ -89,7 +92,7 @@ async def _round(
                 pb.RecommendRequest(user_id=user, k=cfg.k, variant=variant_of[user])
             )
         except Exception as exc:  # counted, the run goes on
-            errors[type(exc).__name__] += 1
+            errors["Recommend " + error_name(exc)] += 1
             return
         clicks = [i.item_id for p, i in enumerate(reply.items)
                   if would_click[n, p] and i.item_id in hidden[user]]  # fmt: skip
@@ -97,6 +100,7 @@ async def _round(
         tally.lists += 1
         tally.clicks += len(clicks)
         tally.clicked_lists += bool(clicks)
+        tally.degraded += reply.degraded
         if not clicks:
             return
         hidden[user].difference_update(clicks)
@@ -104,10 +108,17 @@ async def _round(
                                    item_id=item, type=pb.CLICK,
                                    recommendation_id=reply.recommendation_id)
                   for item in clicks]  # fmt: skip
-        try:
-            await stub.SendFeedback(pb.SendFeedbackRequest(events=events))
-        except Exception as exc:
-            errors["feedback " + type(exc).__name__] += 1
+        for attempt in range(RETRIES):
+            try:
+                await stub.SendFeedback(pb.SendFeedbackRequest(events=events))
+                return
+            except Exception as exc:
+                name = error_name(exc)
+                if name != "UNAVAILABLE" or attempt == RETRIES - 1:
+                    errors["SendFeedback " + name] += 1
+                    return
+                errors["SendFeedback retried"] += 1
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def worker(w: int) -> None:
         for n, user in order:  # the workers share one iterator
@@ -152,6 +163,7 @@ async def simulate(cfg: SimulateConfig, stop: asyncio.Event | None = None) -> di
             total.lists += cell.lists
             total.clicks += cell.clicks
             total.clicked_lists += cell.clicked_lists
+            total.degraded += cell.degraded
         per_variant[name] = {
             "total": total.as_dict(),
             "rounds": [t.get(name, Tally()).as_dict() for t in rounds],
@@ -180,6 +192,8 @@ def format_simulation(report: dict) -> str:
         t = v["total"]
         lines.append(f"{name:<14} CTR {t['ctr']:.4f} ({t['clicked_lists']}/{t['lists']}), "
                      f"clicks/list {t['clicks_per_list']:.3f}; per round: {per_round}")  # fmt: skip
+        if t["degraded_lists"]:
+            lines.append(f"{'':<14} {t['degraded_lists']} lists degraded (no Redis)")
     if report["errors"]:
         lines.append(f"errors: {report['errors']}")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess as prom_multiprocess
 
+from recsvc.store.errors import CALLS as STORE_CALLS
 from recsvc.v1 import recommender_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,15 @@ class Metrics:
         )
         self.redis_down = Gauge("recsvc_redis_unavailable", "1 while the state store is "
                                 "unreachable", registry=r, multiprocess_mode="livemax")  # fmt: skip
+        self.store_calls = Counter(
+            "recsvc_store_calls",
+            "calls into the Redis store, each at most one pipelined round trip (reads the "
+            "state cache answers make none)",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "recsvc_redis_errors", "failed Redis store calls by kind", ["kind"], registry=r
+        )
         self.store_fences = Counter(
             "recsvc_redis_fences",
             "invalidation fence round trips to Redis after feedback writes",
@@ -95,7 +105,8 @@ class Metrics:
             ["variant", "type"],
             registry=r,
         )
-        self._seen: dict[str, float] = {}
+        # process-wide counters count from here (several servers in one test process)
+        self._seen: dict[str, float] = {"store:" + k: n for k, n in STORE_CALLS.items()}
         self._version = ""
         self._lists: dict[str, str] = {}  # recent recommendation id -> variant, oldest first
         self.recent_lists = 50_000
@@ -144,6 +155,11 @@ class Metrics:
         self.cache.labels("hit").inc(self._delta("hit", cache.hits))
         self.cache.labels("miss").inc(self._delta("miss", cache.misses))
         self.store_fences.inc(self._delta("fences", engine.store.fences))
+        for kind, n in list(STORE_CALLS.items()):
+            if kind == "calls":
+                self.store_calls.inc(self._delta("store:calls", n))
+            else:
+                self.store_errors.labels(kind).inc(self._delta("store:" + kind, n))
         self.redis_down.set(0 if engine.store_available else 1)
         version = engine.model.model_version
         if version != self._version:

@@ -18,6 +18,7 @@ alone: otherwise one malformed event degrades the service for every client.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -110,14 +111,22 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+# (#13) calls into the store (each at most one pipelined round trip) and failed ones
+# by error class, for the metrics poller (recsvc.api.metrics); per process
+CALLS: collections.Counter[str] = collections.Counter()
+
+
 def store_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Let only :class:`StoreError` out of a store coroutine."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        CALLS["calls"] += 1
         try:
             return await method(*args, **kwargs)
         except (RedisError, OSError) as exc:
-            raise classify(exc) from exc
+            error = classify(exc)
+            CALLS[type(error).__name__] += 1
+            raise error from exc
 
     return wrapper

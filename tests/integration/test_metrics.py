@@ -103,6 +103,7 @@ def test_metrics_count_the_calls_made(make_server):
     assert value(samples, "recsvc_redis_unavailable") == 0
     lookups = "recsvc_state_cache_lookups_total"
     assert value(samples, lookups, result="hit") + value(samples, lookups, result="miss") >= 5
+    assert value(samples, "recsvc_store_calls_total") >= 4  # at least: 3 writes, 1 cache miss
 
 
 def test_metrics_add_up_over_workers(tmp_path, model_dir):
