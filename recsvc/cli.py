@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,9 @@ def _parse_weights(text: str) -> dict[str, float]:
 def cmd_train(args: argparse.Namespace) -> int:
     from recsvc.train import train
 
-    overrides = {"event_weights": _parse_weights(args.event_weights)} if args.event_weights else {}
+    overrides: dict[str, Any] = (
+        {"event_weights": _parse_weights(args.event_weights)} if args.event_weights else {}
+    )
     summary = train(args, Settings(**overrides))
     print(json.dumps(summary))
     return 0
@@ -72,7 +75,8 @@ def _redis_client(redis_url: str | None, data_dir: Path | None):  # type: ignore
 
     from recsvc.store import EmbeddedRedis
 
-    settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
+    overrides: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
+    settings = Settings(**overrides)
     embedded = None
     url = settings.redis_url
     if not url:  # the server's embedded Redis: use it if running, else start it on its data
@@ -110,7 +114,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from recsvc.online.report import plot, read_feedback_csv, summarise, table
     from recsvc.store.impressions import read_feedback_log, read_impressions
 
-    window_s = args.window_s or Settings().attribution_window_s
+    overrides: dict[str, Any] = {"attribution_window_s": args.window_s} if args.window_s else {}
+    window_s = Settings(**overrides).attribution_window_s  # the flag, else RECSVC_*, else 1 day
     since_ms = int((time.time() - args.since_hours * 3600) * 1000) if args.since_hours else 0
     with _redis_client(args.redis_url, args.data_dir) as client:
         impressions = [Impression.from_json(f) for f in read_impressions(client, since_ms)]

@@ -148,6 +148,7 @@ def plot(summary: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     from datetime import UTC, datetime
 
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -155,11 +156,12 @@ def plot(summary: dict[str, Any], out: Path) -> None:
         points = sorted((int(t), c) for t, c in row["by_time"].items())
         if not points:
             continue
-        times = [datetime.fromtimestamp(t / 1000, UTC) for t, _ in points]
+        times = mdates.date2num([datetime.fromtimestamp(t / 1000, UTC) for t, _ in points])
         ctr = [c["ctr"] for _, c in points]
         ax.plot(times, ctr, marker="o", label=f"{name} ({row['ctr']:.1%})")
         ax.fill_between(times, [c["ctr_ci95"][0] for _, c in points],
                         [c["ctr_ci95"][1] for _, c in points], alpha=0.15)  # fmt: skip
+    ax.xaxis_date()
     ax.set_ylabel("CTR (lists with a click)")
     ax.set_xlabel("impression time (UTC)")
     ax.set_title("CTR per variant over time (95% Wilson intervals)")

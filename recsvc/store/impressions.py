@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -61,7 +62,7 @@ def _read_stream(
     """A stream's entries (field -> value, decoded) from ``since_ms`` on, oldest first."""
     start = f"{since_ms}-0" if since_ms > 0 else "-"
     while True:
-        entries = client.xrange(key, min=start, max="+", count=batch)
+        entries: Any = client.xrange(key, min=start, max="+", count=batch)
         for _, fields in entries:
             yield {k.decode(): v.decode() for k, v in fields.items()}
         if len(entries) < batch:
