@@ -59,6 +59,7 @@ class RecsvcServer:
         self._stopping: asyncio.Future[None] | None = None
         # (#13) impressions, variants, metrics
         self.impressions: ImpressionLog | None = None
+        self.online: OnlineService | None = None
         self.metrics: metrics_mod.Metrics | None = None
         self.metrics_port = 0
         self._metrics_http: object | None = None
@@ -156,7 +157,8 @@ class RecsvcServer:
             flush_s=settings.impression_flush_s,
         )  # fmt: skip
         self.impressions.start()
-        return OnlineService(self.engine, variants, self.impressions, models)
+        self.online = OnlineService(self.engine, variants, self.impressions, models)
+        return self.online
 
     def _start_metrics(self) -> None:
         """Serve /metrics (one process), or only write them (a worker of several)."""

@@ -6,8 +6,10 @@ import time
 import grpc
 import pytest
 import redis
+from conftest import train_bundle
 from helpers import wait_for
 
+from recsvc.bundle import read_manifest
 from recsvc.cli import main as recsvc_main
 from recsvc.online.impressions import Impression
 from recsvc.store.impressions import read_impressions
@@ -217,3 +219,23 @@ def test_sampling_logs_the_share_asked_for(make_server, redis_url):
     logged = {Impression.from_json(f).recommendation_id
               for f in read_impressions(redis.Redis.from_url(redis_url))}  # fmt: skip
     assert logged == expected
+
+
+def test_variants_with_their_own_bundle_load_it_once(make_server, clustered_csv, tmp_path):
+    other = train_bundle(clustered_csv, tmp_path / "models" / "other", neighbours=5)
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps({"variants": [
+        {"name": "control", "share": 0.5},
+        {"name": "new", "share": 0.25, "bundle": "models/other"},
+        {"name": "new-cf", "share": 0.25, "bundle": "models/other", "strategy": "cf"},
+    ]}))  # fmt: skip
+    server = make_server(variants=path)
+    models = server.server.online.models
+    assert models["new"] is models["new-cf"] and "control" not in models  # one copy, shared
+
+    def version(variant):
+        return server.stub.Recommend(pb.RecommendRequest(user_id="u1", k=3, variant=variant))
+
+    default_version = version("control").model_version
+    assert version("new").model_version == version("new-cf").model_version != default_version
+    assert version("new").model_version == read_manifest(other)["model_version"]
