@@ -118,7 +118,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     window_s = Settings(**overrides).attribution_window_s  # the flag, else RECSVC_*, else 1 day
     since_ms = int((time.time() - args.since_hours * 3600) * 1000) if args.since_hours else 0
     with _redis_client(args.redis_url, args.data_dir) as client:
-        impressions = [Impression.from_json(f) for f in read_impressions(client, since_ms)]
+        impressions = (Impression.from_json(f) for f in read_impressions(client, since_ms))
         events = itertools.chain(read_feedback_log(client, since_ms),
                                  read_feedback_csv(args.feedback or ()))  # fmt: skip
         result = attribute(

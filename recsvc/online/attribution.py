@@ -82,6 +82,36 @@ def _position_index(items: list[Any]) -> dict[str, int]:
     return index
 
 
+def _count(
+    out: Attribution, imp: Impression, at: dict[int, set[str]], types: Counter[str],
+    bucket_ms: int, click_types: frozenset[str], conversion_types: frozenset[str],
+) -> None:  # fmt: skip
+    """Add one impression, with the event types attributed at each position."""
+    clicked = any(kinds & click_types for kinds in at.values())
+    converted = any(kinds & conversion_types for kinds in at.values())
+    v = imp.variant
+    for cell in (out.by_variant[v], out.by_strategy[v][imp.strategy],
+                 out.by_model[v][imp.model_version],
+                 out.by_time[v][imp.ts_ms // bucket_ms * bucket_ms]):  # fmt: skip
+        cell.add(clicked, converted, types)
+    pos = out.by_position[v]
+    for p in range(len(imp.items)):
+        pos[p][0] += 1
+        if p in at and at[p] & click_types:
+            pos[p][1] += 1
+    if imp.teams:
+        wins: Counter[str] = Counter()
+        for p, kinds in at.items():
+            if kinds & click_types and p < len(imp.teams):
+                wins[imp.teams[p]] += 1
+        if wins:
+            ranked = wins.most_common()
+            if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+                out.interleaving[v]["tie"] += 1
+            else:
+                out.interleaving[v][ranked[0][0]] += 1
+
+
 def attribute(
     impressions: Iterable[Impression],
     events: Iterable[dict[str, str]],
@@ -92,13 +122,12 @@ def attribute(
 ) -> Attribution:
     """Join ``events`` (feedback log entries: event_id, user_id, item_id, type,
     ts_ms, recommendation_id) to ``impressions``; times are bucketed by the
-    impression's time, ``bucket_ms`` wide."""
-    shown = {imp.recommendation_id: imp for imp in impressions}
-    positions: dict[str, dict[str, int]] = {}
-    # per impression: position -> event types attributed there
-    hits: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
-    seen_events: set[tuple[str, str]] = set()
+    impression's time, ``bucket_ms`` wide. The events are held in memory, the
+    impressions are streamed (there are many more of them)."""
     out = Attribution()
+    # the events first (fewer than impressions): by recommendation id, once each
+    pending: dict[str, list[dict[str, str]]] = defaultdict(list)
+    seen_events: set[tuple[str, str]] = set()
     for event in events:
         out.events_total += 1
         key = (event.get("user_id", ""), event.get("event_id", ""))
@@ -107,52 +136,33 @@ def attribute(
             continue
         seen_events.add(key)
         rid = event.get("recommendation_id", "")
-        if not rid:
+        if rid:
+            pending[rid].append(event)
+        else:
             out.events_without_id += 1
-            continue
-        imp = shown.get(rid)
-        if imp is None:
-            out.unattributed["no_impression"] += 1
-            continue
-        if event.get("user_id") != imp.user_id:
-            out.unattributed["other_user"] += 1
-            continue
-        if int(event.get("ts_ms") or 0) - imp.ts_ms > window_ms:
-            out.unattributed["late"] += 1
-            continue
-        if rid not in positions:
-            positions[rid] = _position_index(list(imp.items))
-        position = positions[rid].get(event.get("item_id", ""), -1)
-        if position < 0:
-            out.unattributed["not_shown"] += 1
-            continue
-        hits[rid][position].add(event.get("type", ""))
-        out.attributed_events += 1
-
-    for rid, imp in shown.items():
-        at = hits.get(rid, {})
-        types = [t for kinds in at.values() for t in kinds]
-        clicked = any(t in click_types for t in types)
-        converted = any(t in conversion_types for t in types)
-        v = imp.variant
-        for cell in (out.by_variant[v], out.by_strategy[v][imp.strategy],
-                     out.by_model[v][imp.model_version],
-                     out.by_time[v][imp.ts_ms // bucket_ms * bucket_ms]):  # fmt: skip
-            cell.add(clicked, converted, types)
-        pos = out.by_position[v]
-        for p in range(len(imp.items)):
-            pos[p][0] += 1
-            if p in at and at[p] & click_types:
-                pos[p][1] += 1
-        if imp.teams:
-            wins: Counter[str] = Counter()
-            for p, kinds in at.items():
-                if kinds & click_types and p < len(imp.teams):
-                    wins[imp.teams[p]] += 1
-            if wins:
-                ranked = wins.most_common()
-                if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
-                    out.interleaving[v]["tie"] += 1
-                else:
-                    out.interleaving[v][ranked[0][0]] += 1
+    del seen_events
+    # then the impressions, streamed: each is counted and dropped
+    seen_lists: set[str] = set()
+    for imp in impressions:
+        if imp.recommendation_id in seen_lists:
+            continue  # written twice (a write retried after a timeout): count it once
+        seen_lists.add(imp.recommendation_id)
+        at: dict[int, set[str]] = defaultdict(set)  # position -> types attributed there
+        types: Counter[str] = Counter()
+        evs = pending.pop(imp.recommendation_id, ())
+        index = _position_index(list(imp.items)) if evs else {}
+        for event in evs:
+            if event.get("user_id") != imp.user_id:
+                out.unattributed["other_user"] += 1
+            elif int(event.get("ts_ms") or 0) - imp.ts_ms > window_ms:
+                out.unattributed["late"] += 1
+            elif (position := index.get(event.get("item_id", ""), -1)) < 0:
+                out.unattributed["not_shown"] += 1
+            else:
+                at[position].add(event.get("type", ""))
+                types[event.get("type", "")] += 1
+                out.attributed_events += 1
+        _count(out, imp, at, types, bucket_ms, click_types, conversion_types)
+    out.unattributed["no_impression"] += sum(len(evs) for evs in pending.values())
+    out.unattributed = +out.unattributed  # drop zero counts
     return out

@@ -47,6 +47,15 @@ def test_attribution_counts_every_event_once_by_kind():
     assert set(out.by_time["b"]) == {3_600_000} and set(out.by_time["a"]) == {0}
 
 
+def test_an_impression_written_twice_counts_once_and_events_count_each():
+    twice = [imp("r1", "u1", "a", ["x", "y"]), imp("r1", "u1", "a", ["x", "y"])]
+    events = [ev("1", "u1", "x", "click", "r1"), ev("2", "u1", "x", "click", "r1")]
+    out = attribute(twice, events, window_ms=60_000)
+    cell = out.by_variant["a"]
+    assert (cell.impressions, cell.clicked, cell.events["click"]) == (1, 1, 2)
+    assert out.by_position["a"][0] == [1, 1] and not out.unattributed
+
+
 def test_generate_impressions_attribute_any_nearest_item_to_its_position():
     shown = Impression("g", "u", "a", "generate", "m", "generate", [["p", "q"], ["r"]], 0)
     out = attribute([shown], [ev("1", "u", "q", "click", "g", ts=1)], window_ms=10)
