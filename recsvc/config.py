@@ -152,7 +152,12 @@ class Settings(BaseSettings):
         0, ge=0, le=65535, description="serve Prometheus metrics on this port (0: off)"
     )
     metrics_dir: Path | None = Field(
-        None, description="prometheus-client multiprocess directory (set for --workers N)"
+        None,
+        description="where each of --workers N writes its metrics for the parent to serve "
+        "(default: DATA_DIR/metrics)",
+    )
+    metrics_worker: bool = Field(
+        False, description="set by the parent for its workers: write metrics, do not serve them"
     )
 
     log_level: str = Field("INFO")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -298,8 +297,3 @@ def prepare_multiprocess_dir(directory: Path) -> Path:
 def worker_exited(directory: Path, pid: int) -> None:
     """Drop a dead worker's live gauges."""
     prom_multiprocess.mark_process_dead(pid, str(directory))
-
-
-def multiprocess_worker() -> bool:
-    """Is this process a worker writing to a multiprocess directory?"""
-    return bool(os.environ.get(MULTIPROC_ENV))

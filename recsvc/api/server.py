@@ -105,7 +105,7 @@ class RecsvcServer:
         online = self._online(model, store)
 
         interceptors: list[grpc.aio.ServerInterceptor] = []  # auth, admission, metrics...
-        if settings.metrics_port or metrics_mod.multiprocess_worker():
+        if settings.metrics_port:
             self.metrics = metrics_mod.Metrics()
             interceptors.append(metrics_mod.MetricsInterceptor(self.metrics))
         server = grpc.aio.server(
@@ -169,7 +169,7 @@ class RecsvcServer:
         self._metrics_poller = asyncio.create_task(
             self.metrics.poll_forever(self.engine, self.impressions)
         )
-        if not metrics_mod.multiprocess_worker():
+        if not self.settings.metrics_worker:  # a worker's parent serves the workers' sum
             http = metrics_mod.serve_metrics(
                 self.metrics, self.settings.host, self.settings.metrics_port
             )
@@ -337,7 +337,8 @@ def serve_workers(settings: Settings) -> int:
         metrics_dir = metrics_mod.prepare_multiprocess_dir(
             (settings.metrics_dir or settings.data_dir / "metrics").resolve()
         )
-        env[metrics_mod.MULTIPROC_ENV] = str(metrics_dir)
+        env[metrics_mod.MULTIPROC_ENV] = str(metrics_dir)  # read by prometheus-client
+        env["RECSVC_METRICS_WORKER"] = "true"
         metrics_http = metrics_mod.serve_multiprocess(
             metrics_dir, settings.host, settings.metrics_port
         )
