@@ -76,7 +76,7 @@ class ImpressionLog:
         writer: ImpressionWriter,
         sample_rate: float = 1.0,
         queue_cap: int = 20_000,
-        flush_s: float = 0.05,
+        flush_s: float = 0.25,
         batch: int = 1000,
     ):
         self.writer = writer
