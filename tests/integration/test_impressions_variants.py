@@ -239,3 +239,25 @@ def test_variants_with_their_own_bundle_load_it_once(make_server, clustered_csv,
     default_version = version("control").model_version
     assert version("new").model_version == version("new-cf").model_version != default_version
     assert version("new").model_version == read_manifest(other)["model_version"]
+
+
+def test_report_reads_exported_feedback_and_counts_a_repeat_once(
+    make_server, redis_url, tmp_path, capsys
+):
+    server = make_server()
+    reply = server.stub.Recommend(pb.RecommendRequest(user_id="u1", k=3))
+    rid, item = reply.recommendation_id, reply.items[0].item_id
+    events = [event("x1", "u1", item, pb.CLICK, rid), event("x2", "u1", item, pb.PURCHASE, rid)]
+    server.stub.SendFeedback(pb.SendFeedbackRequest(events=events))
+    wait_written(server, 1)
+    exported = tmp_path / "feedback.csv"  # exported for training: trimmed from the stream
+    assert recsvc_main(["export-feedback", "--redis-url", redis_url, "--out", str(exported)]) == 0
+    assert report(capsys, redis_url)["variants"]["default"]["clicked"] == 0
+    out = report(capsys, redis_url, "--feedback", str(exported))
+    row = out["variants"]["default"]
+    assert (row["clicked"], row["converted"], row["events"]) == (1, 1, {"click": 1, "purchase": 1})
+    assert out["events"]["unattributed"] == {}
+    # the same export given twice: each event counts once, the repeats are named
+    twice = report(capsys, redis_url, "--feedback", str(exported), "--feedback", str(exported))
+    assert twice["variants"]["default"] == row
+    assert twice["events"]["unattributed"] == {"duplicate": 2}
