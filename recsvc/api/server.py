@@ -54,7 +54,8 @@ class RecsvcServer:
         self._monitor: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
-        self._model_dir = Path()
+        self._model_dir = Path()  # the configured --model directory, resolved
+        self._watched_version = ""  # its model version when last loaded or seen
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
         # (#13) impressions, variants, metrics
@@ -82,6 +83,7 @@ class RecsvcServer:
         started = time.perf_counter()
         self._model_dir = settings.model.resolve()  # type: ignore[union-attr]
         model = load_model(self._model_dir)
+        self._watched_version = model.model_version
         log.info(
             "model loaded: version=%s items=%d users=%d in %.2fs",
             model.model_version, len(model.items), len(model.users),
@@ -196,9 +198,10 @@ class RecsvcServer:
                 log.exception("health check failed")
 
     def _resolve_model_dir(self, model_dir: str) -> Path:
+        """Empty: the configured --model directory (not the last one loaded)."""
         if not model_dir:
             return self._model_dir
-        root = self.settings.model.resolve().parent  # type: ignore[union-attr]
+        root = self._model_dir.parent
         path = (root / model_dir).resolve()
         if root not in path.parents:
             raise InvalidArgument(f"model_dir must be a directory inside {root}, got {model_dir!r}")
@@ -219,7 +222,8 @@ class RecsvcServer:
                 raise FailedPrecondition(f"cannot load the model at {path}: {exc}") from exc
             previous = self.engine.model.model_version
             self.engine.swap_model(model)
-            self._model_dir = path
+            if path == self._model_dir:
+                self._watched_version = model.model_version
         log.info(
             "model reloaded: %s -> %s from %s in %.2fs",
             previous, model.model_version, path, time.perf_counter() - started,
@@ -227,7 +231,10 @@ class RecsvcServer:
         return model
 
     async def _watch_model(self) -> None:
-        """Reload when the watched bundle directory holds a new model version."""
+        """Reload when the configured --model directory holds a new model version.
+
+        It watches that directory only, whatever ReloadModel loaded since: a
+        bundle loaded from elsewhere keeps serving until a new one lands there."""
         assert self.engine is not None
         while True:
             await asyncio.sleep(self.settings.model_watch_s)
@@ -235,7 +242,7 @@ class RecsvcServer:
                 version = read_manifest(self._model_dir)["model_version"]
             except (BundleError, OSError, KeyError):
                 continue  # being replaced right now, or gone: keep serving, look again
-            if version != self.engine.model.model_version:
+            if version != self._watched_version:  # set by a successful load of it
                 try:
                     await self.reload_model()
                 except RecsvcError as exc:
