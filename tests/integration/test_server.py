@@ -149,8 +149,8 @@ BAD_STRATEGY = "unknown strategy: received 9; valid values: STRATEGY_UNSPECIFIED
         (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase(f"e{i}", "u", "i") for i in range(1001)])), "INVALID_ARGUMENT", "at most 1000"),
         (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase("e", "u", "i", type_=42)])), "INVALID_ARGUMENT", "unknown event type: received 42; valid values: VIEW"),
         (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase("e", "", "i")])), "INVALID_ARGUMENT", "user_id is empty"),
-        (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase("e", "u", "i", type_=0)])), "INVALID_ARGUMENT", MISSPELT_ENUM),
-        (lambda s: s.Recommend(pb.RecommendRequest(user_id="u1", k=3, strategy=9)), "INVALID_ARGUMENT", BAD_STRATEGY),
+        (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase("e", "u", "i", type_=0)])), "INVALID_ARGUMENT", MISSPELT_ENUM),  # noqa: E501
+        (lambda s: s.Recommend(pb.RecommendRequest(user_id="u1", k=3, strategy=9)), "INVALID_ARGUMENT", BAD_STRATEGY),  # noqa: E501
         (lambda s: s.GetUserState(pb.GetUserStateRequest()), "INVALID_ARGUMENT", "user_id is empty"),
     ],
 )  # fmt: skip
