@@ -164,6 +164,12 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO")
 
+    # Issue #14: safe to put in front of a platform
+    embedded_redis_restarts: int = Field(
+        10, ge=0, description="restarts of a dead embedded Redis allowed within a minute, "
+        "with back-off (0: never restart it)",
+    )  # fmt: skip
+
     @field_validator("event_weights")
     @classmethod
     def _known_event_types(cls, value: dict[str, float]) -> dict[str, float]:

@@ -93,6 +93,8 @@ class RecsvcServer:
             self.embedded_redis = await asyncio.to_thread(
                 EmbeddedRedis(settings.data_dir, settings.redis_appendfsync).start
             )
+            if settings.embedded_redis_restarts:
+                self.embedded_redis.supervise(settings.embedded_redis_restarts)
         log.info("redis: %s", redact_url(self.redis_url))
         store = UserStore.from_url(
             self.redis_url,
@@ -336,6 +338,8 @@ def serve_workers(settings: Settings) -> int:
     redis_url = settings.redis_url
     if not redis_url:
         embedded = EmbeddedRedis(settings.data_dir, settings.redis_appendfsync).start()
+        if settings.embedded_redis_restarts:
+            embedded.supervise(settings.embedded_redis_restarts)
         redis_url = embedded.url
     port = settings.port or free_port(settings.host)
     env = _worker_env(settings, redis_url, port)
