@@ -19,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
 from recsvc.api import metrics as metrics_mod
+from recsvc.api.admission import admission_interceptors
+from recsvc.api.auth import auth_interceptors
 from recsvc.api.servicer import RecommenderServicer, add_servicer
 from recsvc.bundle import BundleError, read_manifest
 from recsvc.config import Settings, redact_url
@@ -37,6 +39,27 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def build_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    """The server's interceptors, outermost first: a call is authorised before it
+    takes an admission slot. Another interceptor joins by adding to this list."""
+    return [
+        *auth_interceptors(settings.auth_tokens_file, settings.host, SERVICE_NAME),
+        *admission_interceptors(settings.max_in_flight, SERVICE_NAME),
+    ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca: clients must
+    present a certificate it signed); None: plaintext."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 class RecsvcServer:
@@ -108,7 +131,7 @@ class RecsvcServer:
         self.engine = Engine(model, store, settings)
         online = self._online(model, store)
 
-        interceptors: list[grpc.aio.ServerInterceptor] = []  # auth, admission, metrics...
+        interceptors = build_interceptors(settings)  # auth, admission (#14), metrics...
         if settings.metrics_port:
             self.metrics = metrics_mod.Metrics()
             interceptors.append(metrics_mod.MetricsInterceptor(self.metrics))
@@ -117,7 +140,7 @@ class RecsvcServer:
             options=[
                 ("grpc.so_reuseport", int(settings.reuse_port)),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ]
+            ],
         )
         add_servicer(
             RecommenderServicer(self.engine, settings, self.reload_model, online), server
@@ -126,7 +149,12 @@ class RecsvcServer:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {settings.host}:{settings.port}")
         await self._set_health(NOT_SERVING)
@@ -140,7 +168,10 @@ class RecsvcServer:
         # everything loaded so far lives as long as the process: keep it out of the
         # collector's full passes (~110k container objects, milliseconds per pass)
         gc.freeze()
-        log.info("serving on port %d", self.port, extra={"rss_mb": rss_mb(), "pid": os.getpid()})
+        log.info(
+            "serving on port %d", self.port,
+            extra={"rss_mb": rss_mb(), "pid": os.getpid(), "tls": credentials is not None},
+        )  # fmt: skip
         return self.port
 
     def _online(self, model: CFModel, store: UserStore) -> OnlineService:
