@@ -1,5 +1,6 @@
 """TLS, bearer tokens and admission control, against a real server over real channels."""
 
+import json
 import logging
 import threading
 import time
@@ -9,6 +10,8 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tls_certs import make_certs
+
+from loadtest.cli import main as loadtest_main
 
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -174,3 +177,23 @@ def test_calls_past_the_bound_are_refused_with_a_retry_hint(make_server, redis_u
     assert [type(r) for r in results] == [pb.SendFeedbackResponse] * 2
     # the slots are free again
     assert stub.Recommend(pb.RecommendRequest(user_id="u3", k=2)).items
+
+
+def test_load_client_over_tls_with_a_token(make_server, certs, token_file, tmp_path):
+    server = make_server(
+        tls_cert=certs["server.pem"], tls_key=certs["server.key"], auth_tokens_file=token_file
+    )
+    token = tmp_path / "client.token"
+    token.write_text(CLIENT_TOKEN + "\n")
+    report = tmp_path / "r.json"
+    common = ["--target", f"localhost:{server.port}", "--tls-ca", str(certs["ca.pem"])]
+    args = ["run", *common, "--duration", "1", "--concurrency", "2", "--mix",
+            "recommend=0.8,feedback=0.2", "--zipf-users", "40", "--zipf-items", "16",
+            "--quiet", "--report", str(report)]  # fmt: skip
+    assert loadtest_main([*args, "--token-file", str(token)]) == 0
+    result = json.loads(report.read_text())
+    assert result["errors_by_code"] == {} and result["ok"] > 0
+    # without the token every call is refused, and the client counts it
+    assert loadtest_main(args) == 0
+    result = json.loads(report.read_text())
+    assert set(result["errors_by_code"]) == {"UNAUTHENTICATED"} and result["ok"] == 0
