@@ -15,12 +15,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
 from recsvc.api import metrics as metrics_mod
 from recsvc.api.admission import admission_interceptors
 from recsvc.api.auth import auth_interceptors
+from recsvc.api.reflection import enable_reflection
 from recsvc.api.servicer import RecommenderServicer, add_servicer
 from recsvc.bundle import BundleError, read_manifest
 from recsvc.config import Settings, redact_url
@@ -146,9 +146,7 @@ class RecsvcServer:
             RecommenderServicer(self.engine, settings, self.reload_model, online), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
         address = f"{settings.host}:{settings.port}"
         credentials = server_credentials(settings)
         if credentials is None:
