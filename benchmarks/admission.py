@@ -1,8 +1,9 @@
 """Admission control side by side (issue #14): the same model served with
-``--max-in-flight 0`` (grpc.aio as before: no bound) and with each bound in
-``--limits``, all running at once, loaded in turn.
+``--max-in-flight 0`` (grpc.aio as before: no admission control) and with
+each ``--configs`` pair (max_in_flight:max_pending_calls), all running at
+once, loaded in turn.
 
-    python benchmarks/admission.py --model models/gowalla [--limits 16,64]
+    python benchmarks/admission.py --model models/gowalla [--configs 64:0,64:16,64:64]
         [--duration 10] [--rounds 2] [--shares 0.9,1.5]
 
 1. The closed-loop maximum (64 calls in flight, Recommend k=20) of the server
@@ -31,31 +32,36 @@ from serving_load import loadtest, start  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--limits", default="16,64", help="max_in_flight values to compare")
+    parser.add_argument(
+        "--configs", default="64:0,64:16,64:64",
+        help="MAX_IN_FLIGHT:MAX_PENDING_CALLS pairs to compare with no admission (0:0)",
+    )  # fmt: skip
     parser.add_argument("--shares", default="0.9,1.5", help="open-loop rates, x closed-loop max")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--channels", type=int, default=8)
     args = parser.parse_args()
-    limits = [0] + [int(x) for x in args.limits.split(",") if x.strip()]
+    limits = ["0:0"] + [x.strip() for x in args.configs.split(",") if x.strip()]
     work = Path(tempfile.mkdtemp(prefix="recsvc-admission-"))
     env = {**os.environ, "RECSVC_MODEL_WATCH_S": "0", "RECSVC_DEFAULT_STRATEGY": "cf"}
     servers = {}
     try:
         for i, limit in enumerate(limits):
             port = str(50980 + i)
+            in_flight, max_pending = limit.split(":")
             servers[limit] = (port, start(
                 [sys.executable, "-m", "recsvc.cli", "serve", "--model", str(args.model),
                  "--port", port, "--host", "127.0.0.1", "--data-dir", str(work / f"data{i}"),
-                 "--max-in-flight", str(limit)],
-                work / f"serve{i}.log", "serving on port", env,
+                 "--max-in-flight", in_flight],
+                work / f"serve{i}.log", "serving on port",
+                {**env, "RECSVC_MAX_PENDING_CALLS": max_pending},
             ))  # fmt: skip
         calls = ["--warmup", "1", "--mix", "recommend=1", "--users-from", str(args.model),
                  "--k", "20", "--channels", str(args.channels),
                  "--duration", str(args.duration)]  # fmt: skip
         for port, _ in servers.values():  # the same warm-up for each
             loadtest("run", "--target", f"127.0.0.1:{port}", "--concurrency", "64", *calls)
-        base_port = servers[0][0]
+        base_port = servers["0:0"][0]
         maxima = [
             loadtest("run", "--target", f"127.0.0.1:{base_port}", "--concurrency", "64",
                      *calls)["ok_throughput_rps"]
@@ -64,12 +70,12 @@ def main() -> None:
         maximum = statistics.median(maxima)
         print(f"closed-loop maximum without a bound (64 in flight): "
               f"{[round(m) for m in maxima]} rps, median {maximum:.0f}")  # fmt: skip
-        print("| rate | max_in_flight | sent | ok | refused (RESOURCE_EXHAUSTED) | other errors "
-              "| ok p50 / p99 / p99.9 | all p99 |")  # fmt: skip
+        print("| rate | max_in_flight:max_pending_calls | sent | ok | refused (RESOURCE_EXHAUSTED) "
+              "| other errors | ok p50 / p99 / p99.9 | all p99 |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|")
         for share in (float(x) for x in args.shares.split(",")):
             rate = max(1, int(maximum * share))
-            results: dict[int, list[dict]] = {limit: [] for limit in limits}
+            results: dict[str, list[dict]] = {limit: [] for limit in limits}
             for _ in range(args.rounds):
                 for limit, (port, _) in servers.items():
                     results[limit].append(loadtest(
@@ -83,7 +89,7 @@ def main() -> None:
             proc.wait(30)
 
 
-def row(share: float, rate: int, limit: int, reports: list[dict]) -> str:
+def row(share: float, rate: int, limit: str, reports: list[dict]) -> str:
     def med(get) -> float:  # type: ignore[no-untyped-def]
         return statistics.median(get(r) for r in reports)
 
@@ -98,7 +104,8 @@ def row(share: float, rate: int, limit: int, reports: list[dict]) -> str:
         return med(lambda r: r[key].get(p) or 0.0)
 
     return (
-        f"| {share:.0%} ({rate} rps) | {limit or 'none'} | {med(lambda r: r['requests']):.0f} "
+        f"| {share:.0%} ({rate} rps) | {'none' if limit == '0:0' else limit} "
+        f"| {med(lambda r: r['requests']):.0f} "
         f"| {ok:.0f} | {refused:.0f} | {other} | {pct('ok_latency_ms', 'p50'):.1f} / "
         f"{pct('ok_latency_ms', 'p99'):.1f} / {pct('ok_latency_ms', 'p99.9'):.1f} ms "
         f"| {pct('latency_ms', 'p99'):.1f} ms |"

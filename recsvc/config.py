@@ -182,6 +182,10 @@ class Settings(BaseSettings):
         64, ge=0, description="calls in progress per serving process beyond which new ones "
         "are refused at once with RESOURCE_EXHAUSTED (0: no limit)",
     )  # fmt: skip
+    max_pending_calls: int = Field(
+        0, ge=0, description="calls gRPC's core may hold before Python takes them; beyond "
+        "it core refuses new ones (as CANCELLED) instead of queueing them (0: core's default)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -86,3 +86,18 @@ def admission_interceptors(limit: int, service: str) -> list[grpc.aio.ServerInte
         return []
     log.info("admission control", extra={"max_in_flight": limit})
     return [Admission(limit, service)]
+
+
+def admission_options(max_pending: int) -> list[tuple[str, int]]:
+    """gRPC core server options bounding the calls core holds that Python has
+    not taken yet: grpc.aio takes calls one at a time on its event loop, so past
+    capacity the backlog waits there, unseen by the interceptor above. Beyond
+    ``max_pending`` core refuses new calls itself (beyond half of it, some), and
+    answers them CANCELLED: core's status, which the server cannot change.
+    0: no bound (core's defaults)."""
+    if max_pending <= 0:
+        return []
+    return [
+        ("grpc.server.max_pending_requests", max(1, max_pending // 2)),
+        ("grpc.server.max_pending_requests_hard_limit", max_pending),
+    ]

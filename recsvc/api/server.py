@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from threadpoolctl import threadpool_limits
 
 from recsvc.api import metrics as metrics_mod
-from recsvc.api.admission import admission_interceptors
+from recsvc.api.admission import admission_interceptors, admission_options
 from recsvc.api.auth import auth_interceptors
 from recsvc.api.reflection import enable_reflection
 from recsvc.api.servicer import RecommenderServicer, add_servicer
@@ -140,6 +140,7 @@ class RecsvcServer:
             options=[
                 ("grpc.so_reuseport", int(settings.reuse_port)),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                *admission_options(settings.max_pending_calls),
             ],
         )
         add_servicer(

@@ -196,3 +196,24 @@ def test_load_client_over_tls_with_a_token(make_server, certs, token_file, tmp_p
     assert loadtest_main(args) == 0
     result = json.loads(report.read_text())
     assert set(result["errors_by_code"]) == {"UNAUTHENTICATED"} and result["ok"] == 0
+
+
+def test_the_backlog_in_grpc_core_is_bounded(make_server):
+    """grpc.aio takes calls one at a time on its event loop: a busy loop leaves
+    them queued in gRPC's core, which max_pending_calls bounds."""
+    server = make_server(max_pending_calls=4)
+    stub = server.stub
+    request = pb.GetModelInfoRequest()
+    assert stub.GetModelInfo(request).model_version
+    server.loop.call_soon_threadsafe(time.sleep, 1.0)  # the loop is busy for a second
+    time.sleep(0.1)
+    futures = [stub.GetModelInfo.future(request, timeout=10) for _ in range(30)]
+    codes = []
+    for future in futures:
+        try:
+            future.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+    assert codes.count(grpc.StatusCode.OK) <= 8  # the bound, give or take calls taken early
