@@ -62,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("tls_client_ca", args.tls_client_ca),
             ("auth_tokens_file", args.auth_tokens),
             ("max_in_flight", args.max_in_flight),
+            ("max_pending_calls", args.max_pending_calls),
         )
         if value is not None
     }
@@ -350,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="unary calls in progress per process before new ones get RESOURCE_EXHAUSTED "
         "(0: no limit) [RECSVC_MAX_IN_FLIGHT=64]",
+    )
+    serve.add_argument(
+        "--max-pending-calls",
+        type=int,
+        help="calls gRPC's core may hold before the server takes them; beyond it core "
+        "refuses new ones as CANCELLED (0: core's default) [RECSVC_MAX_PENDING_CALLS=0]",
     )
     serve.set_defaults(func=cmd_serve)
 
