@@ -233,14 +233,17 @@ def test_the_cache_works_over_tls(redis_url, tmp_path):
     tls_url = f"rediss://localhost:{proxy.port}/0?ssl_ca_certs={certs['ca.pem']}"
 
     async def main():
-        reader = await cached_store(tls_url)
-        writer = UserStore.from_url(tls_url)
+        # 5 s: the TLS front runs in this process, sharing its GIL with the test
+        reader = UserStore.from_url(tls_url, timeout_s=5.0, cache_items=10_000)
+        await reader.ping()  # the health probe starts the cache
+        assert reader.cache.ready
+        writer = UserStore.from_url(tls_url, timeout_s=5.0)
         try:
-            for i in range(200):
+            for i in range(100):
                 await reader.get_history("t1")
                 await writer.apply_events([event(f"tls{i}", "t1", "a")])
                 assert items_of(await reader.get_history("t1")) == {"a": float(i + 1)}, i
-            assert reader.cache.hits >= 150  # cached between writes, over TLS
+            assert reader.cache.hits >= 90  # cached between writes, over TLS
             # many invalidations at once: more than one TLS record to drain
             await writer.apply_events([event(f"bulk{u}", f"bulk{u}", "a") for u in range(300)])
             for u in range(300):
