@@ -481,3 +481,5 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # e.g. a bad --errors spec for empty-server
         print(f"loadtest: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        configure_channels()  # plaintext, no token: for whoever opens channels next in-process
