@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 from recsvc import aio
 
-from .common import UsageError, check_target, install_stop_signals
+from .common import UsageError, check_target, configure_channels, install_stop_signals
 
 DEFAULT_MIX = "recommend=0.8,similar=0.1,feedback=0.1"
 
@@ -32,6 +33,16 @@ def _add_common(p: argparse.ArgumentParser, ids: bool = True) -> None:
         "--allow-remote",
         action="store_true",
         help="allow a target that is not 127.0.0.1/::1/localhost",
+    )
+    # issue #14: servers run with --tls-cert / --auth-tokens
+    p.add_argument("--tls-ca", metavar="PEM", help="TLS: trust this CA (the server's chain)")
+    p.add_argument("--tls-cert", metavar="PEM", help="mutual TLS: client certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="mutual TLS: client key")
+    p.add_argument("--tls-server-name", metavar="NAME", help="TLS: name the certificate carries")
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="bearer token to send (the file holds the token alone; else RECSVC_TOKEN)",
     )
     if ids:
         g = p.add_argument_group("ids (default: synthetic Zipf ids u0.. / i0..)")
@@ -456,6 +467,13 @@ def cmd_simulate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "tls_ca"):
+            token = os.environ.get("RECSVC_TOKEN")
+            if args.token_file:
+                token = Path(args.token_file).read_text().strip()
+            configure_channels(
+                args.tls_ca, args.tls_cert, args.tls_key, token, args.tls_server_name
+            )
         return args.func(args)
     except UsageError as e:
         print(f"loadtest: error: {e}", file=sys.stderr)
@@ -463,3 +481,5 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # e.g. a bad --errors spec for empty-server
         print(f"loadtest: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        configure_channels()  # plaintext, no token: for whoever opens channels next in-process

@@ -90,11 +90,79 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer TOKEN`` to every call on a plaintext channel
+    (on TLS channels the token travels as call credentials instead)."""
+
+    def __init__(self, token: str):
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def _with_token(self, details):  # type: ignore[no-untyped-def]
+        metadata = tuple(details.metadata or ()) + self.metadata
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_token(details), request_iterator)
+
+
+class ChannelSecurity:
+    """How the load clients reach a server run with --tls-cert / --auth-tokens:
+    TLS with a CA (and a client certificate for mutual TLS), a bearer token.
+    Set once from the command line by :func:`configure_channels`."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+    server_name: str | None = None
+
+
+SECURITY = ChannelSecurity()
+
+
+def configure_channels(
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    token: str | None = None,
+    server_name: str | None = None,
+) -> None:
+    """TLS and token settings for every channel :func:`open_channels` opens from now on."""
+    if (cert is None) != (key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if cert is not None and ca is None:
+        raise UsageError("a client certificate needs --tls-ca")
+    SECURITY.ca = open(ca, "rb").read() if ca else None  # noqa: SIM115
+    SECURITY.cert = open(cert, "rb").read() if cert else None  # noqa: SIM115
+    SECURITY.key = open(key, "rb").read() if key else None  # noqa: SIM115
+    SECURITY.token = token or None
+    SECURITY.server_name = server_name
+
+
+def _new_channel(target: str) -> grpc.aio.Channel:
+    options = list(CHANNEL_OPTIONS)
+    if SECURITY.ca is None:
+        interceptors = [_BearerToken(SECURITY.token)] if SECURITY.token else None
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    credentials = grpc.ssl_channel_credentials(SECURITY.ca, SECURITY.key, SECURITY.cert)
+    if SECURITY.token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(SECURITY.token)
+        )
+    if SECURITY.server_name:
+        options.append(("grpc.ssl_target_name_override", SECURITY.server_name))
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
 async def open_channels(
     target: str, n: int, connect_timeout: float = 5.0
 ) -> tuple[list[grpc.aio.Channel], list[pb_grpc.RecommenderStub]]:
-    """n channels (n TCP connections) to target, all connected, and a stub on each."""
-    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(n)]
+    """n channels (n TCP connections) to target, all connected, and a stub on each
+    (TLS and a bearer token as :func:`configure_channels` set them)."""
+    channels = [_new_channel(target) for _ in range(n)]
     try:
         await asyncio.wait_for(
             asyncio.gather(*(ch.channel_ready() for ch in channels)), connect_timeout

@@ -56,6 +56,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("variants", args.variants),  # (#13)
             ("metrics_port", args.metrics_port),
             ("impression_sample_rate", args.impression_sample_rate),
+            # issue #14: TLS, tokens, admission
+            ("tls_cert", args.tls_cert),
+            ("tls_key", args.tls_key),
+            ("tls_client_ca", args.tls_client_ca),
+            ("auth_tokens_file", args.auth_tokens),
+            ("max_in_flight", args.max_in_flight),
+            ("max_pending_calls", args.max_pending_calls),
         )
         if value is not None
     }
@@ -323,6 +330,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--impression-sample-rate", type=float,
         help="share of responses logged as impressions [RECSVC_IMPRESSION_SAMPLE_RATE=1]",
     )  # fmt: skip
+    # issue #14: TLS, tokens, admission
+    serve.add_argument(
+        "--tls-cert", type=Path, help="PEM certificate chain; serve TLS only [RECSVC_TLS_CERT]"
+    )
+    serve.add_argument("--tls-key", type=Path, help="PEM private key [RECSVC_TLS_KEY]")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA: require client certificates it signed (mutual TLS) [RECSVC_TLS_CLIENT_CA]",
+    )
+    serve.add_argument(
+        "--auth-tokens",
+        type=Path,
+        help="token file, 'ROLE TOKEN [NAME]' per line, roles admin/client "
+        "[RECSVC_AUTH_TOKENS_FILE]; unset: open (warned beyond loopback)",
+    )
+    serve.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="unary calls in progress per process before new ones get RESOURCE_EXHAUSTED "
+        "(0: no limit) [RECSVC_MAX_IN_FLIGHT=64]",
+    )
+    serve.add_argument(
+        "--max-pending-calls",
+        type=int,
+        help="calls gRPC's core may hold before the server takes them; beyond it core "
+        "refuses new ones as CANCELLED (0: core's default) [RECSVC_MAX_PENDING_CALLS=0]",
+    )
     serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser(

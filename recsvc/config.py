@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Default weight of each event type when building the interaction matrix and
@@ -163,6 +163,37 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("INFO")
+
+    # Issue #14: safe to put in front of a platform
+    embedded_redis_restarts: int = Field(
+        10, ge=0, description="restarts of a dead embedded Redis allowed within a minute, "
+        "with back-off (0: never restart it)",
+    )  # fmt: skip
+    auth_tokens_file: Path | None = Field(
+        None, description="bearer tokens, one 'ROLE TOKEN [NAME]' per line (roles admin, "
+        "client); unset: no authorisation",
+    )  # fmt: skip
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve TLS only")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates it signed (mutual TLS)"
+    )
+    max_in_flight: int = Field(
+        64, ge=0, description="calls in progress per serving process beyond which new ones "
+        "are refused at once with RESOURCE_EXHAUSTED (0: no limit)",
+    )  # fmt: skip
+    max_pending_calls: int = Field(
+        0, ge=0, description="calls gRPC's core may hold before Python takes them; beyond "
+        "it core refuses new ones (as CANCELLED) instead of queueing them (0: core's default)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return self
 
     @field_validator("event_weights")
     @classmethod

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
 from recsvc.api import metrics as metrics_mod
+from recsvc.api.admission import admission_interceptors, admission_options
+from recsvc.api.auth import auth_interceptors
+from recsvc.api.reflection import enable_reflection
 from recsvc.api.servicer import RecommenderServicer, add_servicer
 from recsvc.bundle import BundleError, read_manifest
 from recsvc.config import Settings, redact_url
@@ -39,6 +41,27 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def build_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    """The server's interceptors, outermost first: a call is authorised before it
+    takes an admission slot. Another interceptor joins by adding to this list."""
+    return [
+        *auth_interceptors(settings.auth_tokens_file, settings.host, SERVICE_NAME),
+        *admission_interceptors(settings.max_in_flight, SERVICE_NAME),
+    ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca: clients must
+    present a certificate it signed); None: plaintext."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 class RecsvcServer:
     """One serving process: ``await start()``, then ``await wait()`` or ``await stop()``."""
 
@@ -54,7 +77,8 @@ class RecsvcServer:
         self._monitor: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
-        self._model_dir = Path()
+        self._model_dir = Path()  # the configured --model directory, resolved
+        self._watched_version = ""  # its model version when last loaded or seen
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
         # (#13) impressions, variants, metrics
@@ -82,6 +106,7 @@ class RecsvcServer:
         started = time.perf_counter()
         self._model_dir = settings.model.resolve()  # type: ignore[union-attr]
         model = load_model(self._model_dir)
+        self._watched_version = model.model_version
         log.info(
             "model loaded: version=%s items=%d users=%d in %.2fs",
             model.model_version, len(model.items), len(model.users),
@@ -91,6 +116,8 @@ class RecsvcServer:
             self.embedded_redis = await asyncio.to_thread(
                 EmbeddedRedis(settings.data_dir, settings.redis_appendfsync).start
             )
+            if settings.embedded_redis_restarts:
+                self.embedded_redis.supervise(settings.embedded_redis_restarts)
         log.info("redis: %s", redact_url(self.redis_url))
         store = UserStore.from_url(
             self.redis_url,
@@ -104,7 +131,7 @@ class RecsvcServer:
         self.engine = Engine(model, store, settings)
         online = self._online(model, store)
 
-        interceptors: list[grpc.aio.ServerInterceptor] = []  # auth, admission, metrics...
+        interceptors = build_interceptors(settings)  # auth, admission (#14), metrics...
         if settings.metrics_port:
             self.metrics = metrics_mod.Metrics()
             interceptors.append(metrics_mod.MetricsInterceptor(self.metrics))
@@ -113,16 +140,20 @@ class RecsvcServer:
             options=[
                 ("grpc.so_reuseport", int(settings.reuse_port)),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ]
+                *admission_options(settings.max_pending_calls),
+            ],
         )
         add_servicer(
             RecommenderServicer(self.engine, settings, self.reload_model, online), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
-        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {settings.host}:{settings.port}")
         await self._set_health(NOT_SERVING)
@@ -136,7 +167,10 @@ class RecsvcServer:
         # everything loaded so far lives as long as the process: keep it out of the
         # collector's full passes (~110k container objects, milliseconds per pass)
         gc.freeze()
-        log.info("serving on port %d", self.port, extra={"rss_mb": rss_mb(), "pid": os.getpid()})
+        log.info(
+            "serving on port %d", self.port,
+            extra={"rss_mb": rss_mb(), "pid": os.getpid(), "tls": credentials is not None},
+        )  # fmt: skip
         return self.port
 
     def _online(self, model: CFModel, store: UserStore) -> OnlineService:
@@ -196,9 +230,10 @@ class RecsvcServer:
                 log.exception("health check failed")
 
     def _resolve_model_dir(self, model_dir: str) -> Path:
+        """Empty: the configured --model directory (not the last one loaded)."""
         if not model_dir:
             return self._model_dir
-        root = self.settings.model.resolve().parent  # type: ignore[union-attr]
+        root = self._model_dir.parent
         path = (root / model_dir).resolve()
         if root not in path.parents:
             raise InvalidArgument(f"model_dir must be a directory inside {root}, got {model_dir!r}")
@@ -219,7 +254,8 @@ class RecsvcServer:
                 raise FailedPrecondition(f"cannot load the model at {path}: {exc}") from exc
             previous = self.engine.model.model_version
             self.engine.swap_model(model)
-            self._model_dir = path
+            if path == self._model_dir:
+                self._watched_version = model.model_version
         log.info(
             "model reloaded: %s -> %s from %s in %.2fs",
             previous, model.model_version, path, time.perf_counter() - started,
@@ -227,7 +263,10 @@ class RecsvcServer:
         return model
 
     async def _watch_model(self) -> None:
-        """Reload when the watched bundle directory holds a new model version."""
+        """Reload when the configured --model directory holds a new model version.
+
+        It watches that directory only, whatever ReloadModel loaded since: a
+        bundle loaded from elsewhere keeps serving until a new one lands there."""
         assert self.engine is not None
         while True:
             await asyncio.sleep(self.settings.model_watch_s)
@@ -235,7 +274,7 @@ class RecsvcServer:
                 version = read_manifest(self._model_dir)["model_version"]
             except (BundleError, OSError, KeyError):
                 continue  # being replaced right now, or gone: keep serving, look again
-            if version != self.engine.model.model_version:
+            if version != self._watched_version:  # set by a successful load of it
                 try:
                     await self.reload_model()
                 except RecsvcError as exc:
@@ -329,6 +368,8 @@ def serve_workers(settings: Settings) -> int:
     redis_url = settings.redis_url
     if not redis_url:
         embedded = EmbeddedRedis(settings.data_dir, settings.redis_appendfsync).start()
+        if settings.embedded_redis_restarts:
+            embedded.supervise(settings.embedded_redis_restarts)
         redis_url = embedded.url
     port = settings.port or free_port(settings.host)
     env = _worker_env(settings, redis_url, port)

@@ -166,7 +166,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @_status_errors
     async def Recommend(self, request: pb.RecommendRequest, context: Any) -> pb.RecommendResponse:
         if request.strategy not in STRATEGIES:
-            raise InvalidArgument(f"unknown strategy {request.strategy}")
+            valid = ", ".join(pb.Strategy.Name(n) for n in STRATEGIES)
+            raise InvalidArgument(
+                f"unknown strategy: received {request.strategy}; valid values: {valid}"
+            )
         served = await self.online.recommend(
             request.user_id,
             request.k,

@@ -80,11 +80,10 @@ def event_problems(
         problems.append(
             f"value {event.value:g} is outside +-{settings.max_event_value:g} (max_event_value)"
         )
-    if event.type_code == 0:
-        problems.append("type is unset (EVENT_TYPE_UNSPECIFIED)")
-    elif event.event_type is None or event.event_type not in settings.event_weights:
-        known = ", ".join(t.upper() for t in settings.event_weights)
-        problems.append(f"unknown event type {event.type_code}; known: {known}")
+    if event.type_code == 0 or event.event_type is None or (
+        event.event_type not in settings.event_weights
+    ):
+        problems.append(_type_problem(event.type_code, settings))
     elif event.event_type == "rating" and event.value == 0:
         problems.append("RATING events need the rating in value")
     elif math.isfinite(event.value):
@@ -107,6 +106,18 @@ def event_problems(
                 "now + max_event_skew_s); leave it unset to use the server's time"
             )
     return problems
+
+
+def _type_problem(type_code: int, settings: Settings) -> str:
+    """Why an event's type is refused, naming the number received and the valid names:
+    a JSON or proto-loader client that misspells an enum name sends 0 without a word."""
+    known = ", ".join(t.upper() for t in settings.event_weights)
+    if type_code == 0:
+        return (
+            "type is unset: received 0 (EVENT_TYPE_UNSPECIFIED), which is also what a "
+            f"misspelt or unknown enum name arrives as; valid values: {known}"
+        )
+    return f"unknown event type: received {type_code}; valid values: {known}"
 
 
 def _describe_ms(ms: int) -> str:

@@ -9,7 +9,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import redis
@@ -63,6 +65,9 @@ class EmbeddedRedis:
         self.tcp = tcp or len(str(self.socket_path)) > MAX_UNIX_SOCKET_PATH
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0  # times the supervisor brought it back
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -71,6 +76,11 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}?db=0"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        """Start redis-server on the data in ``data_dir`` and wait until it answers."""
+        self._stopping.clear()
+        return self._start_process(timeout_s)
+
+    def _start_process(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._wait_for_previous_instance(timeout_s)
         if self.tcp:
@@ -113,7 +123,8 @@ class EmbeddedRedis:
                         log.info("embedded redis started", extra={"url": self.url})
                         return self
             time.sleep(0.02)
-        self.stop()
+        self.process.kill()
+        self.process.wait()
         raise RuntimeError(f"embedded redis-server did not answer within {timeout_s}s")
 
     def _wait_for_previous_instance(self, timeout_s: float) -> None:
@@ -138,8 +149,70 @@ class EmbeddedRedis:
                 "or point --redis-url at it"
             )
 
+    def supervise(
+        self, max_restarts: int = 10, window_s: float = 60.0, max_backoff_s: float = 5.0
+    ) -> EmbeddedRedis:
+        """Restart redis-server whenever it dies (a crash, the OOM killer), from
+        the same AOF and on the same socket or port, so clients reconnect to
+        it as they were. The first restart is immediate, then back-off doubles
+        from 0.1 s up to ``max_backoff_s`` while deaths keep coming; after
+        ``max_restarts`` within ``window_s`` it gives up (logged) and the
+        service stays NOT_SERVING. :meth:`stop` ends supervision first."""
+        if self._supervisor is None or not self._supervisor.is_alive():
+            self._supervisor = threading.Thread(
+                target=self._supervise,
+                args=(max_restarts, window_s, max_backoff_s),
+                name="redis-supervisor",
+                daemon=True,
+            )
+            self._supervisor.start()
+        return self
+
+    def _supervise(self, max_restarts: int, window_s: float, max_backoff_s: float) -> None:
+        deaths: deque[float] = deque()
+        while not self._stopping.is_set():
+            process = self.process
+            if process is None:
+                return
+            code = process.wait()
+            if self._stopping.is_set() or process is not self.process:
+                if process is not self.process:
+                    continue  # restarted by someone else (start() called again)
+                return
+            now = time.monotonic()
+            deaths.append(now)
+            while deaths and deaths[0] < now - window_s:
+                deaths.popleft()
+            if len(deaths) > max_restarts:
+                log.error(
+                    "embedded redis-server died %d times within %.0fs; not restarting it "
+                    "again (see %s)", len(deaths), window_s, self.data_dir / "redis.log",
+                )  # fmt: skip
+                return
+            backoff = 0.0 if len(deaths) == 1 else min(max_backoff_s, 0.1 * 2 ** (len(deaths) - 2))
+            log.warning(
+                "embedded redis-server exited with %s; restarting it from its AOF in %.1fs",
+                code, backoff, extra={"data_dir": str(self.data_dir), "restarts": self.restarts},
+            )  # fmt: skip
+            if self._stopping.wait(backoff):
+                return
+            try:
+                self._start_process()
+            except (RuntimeError, OSError) as exc:
+                log.error("restarting the embedded redis-server failed: %s", exc)
+                # self.process is the dead one: the loop waits on it (returns at once)
+                continue
+            self.restarts += 1
+            log.info("embedded redis-server restarted", extra={"restarts": self.restarts})
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (Redis flushes the AOF and exits), then wait; SIGKILL after ``timeout_s``."""
+        self._stopping.set()
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor is not threading.current_thread():
+            # it may be starting a new process right now: let it finish, then stop that
+            if self.process is not None and self.process.poll() is not None:
+                supervisor.join(timeout_s)
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()

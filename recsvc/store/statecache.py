@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -53,14 +54,29 @@ FEED_CLIENT_NAME = "recsvc-invalidations"  # the name our invalidation connectio
 Command = tuple[Any, ...]
 
 
+def _tls_context(params: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS settings of a ``rediss://`` URL as redis-py reads them (``ssl_ca_certs``,
+    ``ssl_cert_reqs``, ``ssl_certfile``/``ssl_keyfile``), for our own socket."""
+    context = ssl.create_default_context(cafile=params.get("ssl_ca_certs"))
+    if str(params.get("ssl_cert_reqs", "required")).lower() in ("none", "0"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if params.get("ssl_certfile"):
+        context.load_cert_chain(params["ssl_certfile"], params.get("ssl_keyfile"))
+    return context
+
+
 class _InvalidationFeed:
     """The connection Redis sends invalidated key names to: a plain socket of
     our own (non-blocking once subscribed), parsed by hiredis."""
 
     def __init__(self, url: str, timeout_s: float):
         self._params = parse_url(url)
-        if self._params.get("connection_class") is SSLConnection:
-            raise ValueError("TLS Redis URLs are not supported by the state cache")
+        self._tls = (
+            _tls_context(self._params)
+            if self._params.get("connection_class") is SSLConnection
+            else None
+        )
         self._timeout_s = timeout_s
         self._sock: socket.socket | None = None
         self._reader = hiredis.Reader()
@@ -73,9 +89,10 @@ class _InvalidationFeed:
             sock.settimeout(self._timeout_s)
             sock.connect(params["path"])
         else:
-            sock = socket.create_connection(
-                (params.get("host", "localhost"), params.get("port", 6379)), self._timeout_s
-            )
+            host = params.get("host", "localhost")
+            sock = socket.create_connection((host, params.get("port", 6379)), self._timeout_s)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=host)
         self._sock = sock
         if params.get("password"):
             username = [params["username"]] if params.get("username") else []
@@ -108,13 +125,15 @@ class _InvalidationFeed:
         while True:
             try:
                 data = self._sock.recv(65536)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 break
             if not data:
                 raise ConnectionError("Redis closed the invalidation connection")
             self._reader.feed(data)
-            if len(data) < 65536:
-                break  # drained: what was sent before this call is in
+            # drained: what was sent before this call is in (TLS hands out one record
+            # per recv, and may hold decrypted bytes the socket no longer signals)
+            if len(data) < 65536 and not (self._tls is not None and self._sock.pending()):  # type: ignore[attr-defined]
+                break
         out = []
         while (message := self._reader.gets()) is not False:
             out.append(message)

@@ -134,6 +134,32 @@ def test_watcher_reloads_a_replaced_bundle(make_server, tmp_path, clustered_csv)
     assert params["neighbours"] == 5
 
 
+def test_empty_reload_and_the_watcher_follow_the_configured_directory(
+    make_server, tmp_path, clustered_csv
+):
+    live = train_bundle(clustered_csv, tmp_path / "m" / "live")
+    train_bundle(clustered_csv, tmp_path / "m" / "other", neighbours=5)
+    server = make_server(model=live, model_watch_s=0.05)
+    stub = server.stub
+    configured = stub.GetModelInfo(pb.GetModelInfoRequest()).model_version
+    other = stub.ReloadModel(pb.ReloadModelRequest(model_dir="other")).model_version
+    assert other != configured
+    time.sleep(0.3)  # the watcher leaves an explicit reload alone while --model is unchanged
+    assert stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == other
+    # empty model_dir: the configured --model directory, not the last one loaded
+    assert stub.ReloadModel(pb.ReloadModelRequest()).model_version == configured
+    stub.ReloadModel(pb.ReloadModelRequest(model_dir="other"))
+    # a new bundle in --model: the watcher loads it, though "other" was loaded last
+    train_bundle(clustered_csv, tmp_path / "m" / "next", neighbours=3)
+    shutil.rmtree(live)
+    shutil.copytree(tmp_path / "m" / "next", live)
+    newest = read_manifest(live)["model_version"]
+    assert newest not in (configured, other)
+    assert wait_for(
+        lambda: stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == newest
+    )
+
+
 def test_reload_errors(server, tmp_path):
     for model_dir, code in [
         ("../../etc", grpc.StatusCode.INVALID_ARGUMENT),

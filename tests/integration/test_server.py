@@ -129,6 +129,13 @@ def test_similar_items(server):
     assert all(i.startswith("a") for i in ids(response))
 
 
+MISSPELT_ENUM = (
+    "received 0 (EVENT_TYPE_UNSPECIFIED), which is also what a misspelt or unknown enum name "
+    "arrives as; valid values: VIEW, CLICK"
+)
+BAD_STRATEGY = "unknown strategy: received 9; valid values: STRATEGY_UNSPECIFIED, STRATEGY_CF"
+
+
 @pytest.mark.parametrize(
     "call, code, message",
     [
@@ -140,8 +147,10 @@ def test_similar_items(server):
         (lambda s: s.SimilarItems(pb.SimilarItemsRequest(item_id="a1", k=-1)), "INVALID_ARGUMENT", "k must be"),
         (lambda s: s.SendFeedback(pb.SendFeedbackRequest()), "INVALID_ARGUMENT", "no events"),
         (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase(f"e{i}", "u", "i") for i in range(1001)])), "INVALID_ARGUMENT", "at most 1000"),
-        (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase("e", "u", "i", type_=42)])), "INVALID_ARGUMENT", "unknown event type 42"),
+        (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase("e", "u", "i", type_=42)])), "INVALID_ARGUMENT", "unknown event type: received 42; valid values: VIEW"),
         (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase("e", "", "i")])), "INVALID_ARGUMENT", "user_id is empty"),
+        (lambda s: s.SendFeedback(pb.SendFeedbackRequest(events=[purchase("e", "u", "i", type_=0)])), "INVALID_ARGUMENT", MISSPELT_ENUM),  # noqa: E501
+        (lambda s: s.Recommend(pb.RecommendRequest(user_id="u1", k=3, strategy=9)), "INVALID_ARGUMENT", BAD_STRATEGY),  # noqa: E501
         (lambda s: s.GetUserState(pb.GetUserStateRequest()), "INVALID_ARGUMENT", "user_id is empty"),
     ],
 )  # fmt: skip

