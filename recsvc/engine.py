@@ -88,6 +88,7 @@ def load_model(model_dir: Path) -> CFModel:
             bundle.attributes,
             bundle.item_attributes,
             source=f"catalogue {bundle.params.get('catalogue', 'none')} of bundle {model_dir}",
+            session_prior=(bundle.params.get("generate") or {}).get("kappa"),
         )
     model.pipeline = pipeline_for(bundle, model.generator)
     return model
@@ -124,6 +125,7 @@ class Generation:
     model_version: str
     seed: int
     degraded_reason: str = ""
+    shortfall: str = ""
 
 
 @dataclass
@@ -453,6 +455,8 @@ class Engine:
         exclude_item_ids: Sequence[str] = (),
         model: CFModel | None = None,
         feedback: bool = True,
+        context_item_ids: Sequence[str] = (),
+        context_attributes: Sequence[str] = (),
     ) -> Generation:
         """``n`` generated items for a user (see :mod:`recsvc.generate`); ``model``
         and ``feedback`` as in :meth:`recommend`."""
@@ -469,6 +473,8 @@ class Engine:
         if not 1 <= neighbours <= 20:
             raise InvalidArgument(f"neighbours must be between 1 and 20, got {neighbours}")
         self._check_filter("exclude_item_ids", exclude_item_ids)
+        self._check_filter("context_item_ids", context_item_ids)
+        self._check_filter("context_attributes", context_attributes)
         model = model or self.model
         generator = model.generator
         if generator is None:
@@ -477,6 +483,7 @@ class Engine:
             )
         if topic:
             generator.topic_attributes(topic)  # bad topics fail before any I/O
+        context_attrs = generator.context_attributes(context_attributes)
         if seed is None:
             seed = int(np.random.default_rng().integers(2**63))
         exclude = model.items.indices(exclude_item_ids) if exclude_item_ids else None
@@ -486,9 +493,16 @@ class Engine:
             model, user_id, with_vector=feedback, feedback=feedback
         )
         mu = await self._latent(generator, user_id, items, weights, cached)
+        train = model.training_history(user_id)
+        context = model.items.indices(context_item_ids) if context_item_ids else None
+        session = generator.session(items, weights, train, context, context_attrs,
+                                    self.settings.event_weights["like"])  # fmt: skip
+        if context is not None:  # what the user is looking at is not generated again
+            exclude = context if exclude is None else np.concatenate([exclude, context])
+            exclude = exclude[exclude >= 0]
         result = generator.generate(
             mu, items, n, temperature, seed, diversity, neighbours,
-            model.bundle.similarity, topic, exclude,
+            model.bundle.similarity, topic, exclude, train, session,
         )  # fmt: skip
         item_ids = model.items.ids
         attribute_ids = generator.attributes.ids if generator.attributes is not None else []
@@ -506,6 +520,7 @@ class Engine:
             model_version=model.model_version,
             seed=result.seed,
             degraded_reason=degraded,
+            shortfall=result.shortfall,
         )
 
     def similar_items(self, item_id: str, k: int) -> tuple[list[str], np.ndarray, str]:

@@ -152,6 +152,14 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         generator, generator_params = _train_generator(
             args, fit_part, valid, item_attributes, show
         )
+    generate_params = None
+    if args.generator and item_attributes is not None:  # issue #15: the content profile
+        from recsvc.generate.profile import fit_for_catalogue
+
+        generate_params = fit_for_catalogue(
+            interactions, users, items, item_attributes, attributes.ids, seed=args.seed
+        )
+        log.info("generate: session prior fitted on the log's time order: %s", generate_params)
     mixture, item_factors = fit_mixture(
         user_items, fit_part, valid, lambda part: fit_similarity(args, part, False, knn_params)[0],
         generator=_runtime_generator(generator), rank_max=args.lowrank_rank,
@@ -175,6 +183,7 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             "fit_seconds": round(fit_s, 3),
             "catalogue": str(args.catalogue) if args.catalogue else None,
             "generator": generator_params,
+            "generate": generate_params,
             "mixture": mixture,
         },
         attributes=attributes,

@@ -210,6 +210,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             diversity=request.diversity if request.HasField("diversity") else None,
             neighbours=request.neighbours,
             exclude_item_ids=request.exclude_item_ids,
+            context_item_ids=request.context_item_ids,
+            context_attributes=request.context_attributes,
         )
         generation = served.result
         return pb.GenerateResponse(
@@ -231,6 +233,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             degraded=bool(generation.degraded_reason),
             degraded_reason=generation.degraded_reason,
             variant=served.variant,
+            shortfall=generation.shortfall,
         )
 
     @_status_errors

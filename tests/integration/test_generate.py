@@ -219,3 +219,28 @@ def test_batch_scores_match_serving_and_eval_strategies(generator_model_dir, tmp
         results[strategy] = json.loads(capsys.readouterr().out)
     assert all(r["users"] == 20 and 0 <= r["recall@5"] <= 1 for r in results.values())
     assert results["blend"]["mixture"] == mixture["weights"]
+
+
+def test_topic_shortfall_and_session_context_over_grpc(gen_server):
+    """Issue #15: a topic never filled with other content; context steers one call."""
+    # the catalogue has 8 beta items: asking for 12 returns those not yet seen, and says so
+    response = generate(gen_server, "u1", n=12, seed=2, topic="beta")
+    assert 0 < len(response.items) < 12
+    assert response.shortfall.startswith(f"only {len(response.items)} catalogue items")
+    assert all(i.item_id.startswith("b") for g in response.items for i in g.nearest_items[:1])
+    assert all("category:beta" in [a.name for a in g.content] for g in response.items)
+
+    def share_of_b(response):
+        firsts = [g.nearest_items[0].item_id for g in response.items]
+        return sum(i.startswith("b") for i in firsts) / len(firsts)
+
+    plain = generate(gen_server, "u1", n=4, seed=5)
+    steered = generate(gen_server, "u1", n=4, seed=5, context_attributes=["beta", "tag:blue"])
+    assert share_of_b(steered) > share_of_b(plain)
+    by_items = generate(gen_server, "u1", n=4, seed=5, context_item_ids=["b1", "b2", "b3"])
+    assert share_of_b(by_items) > share_of_b(plain)
+    assert not {"b1", "b2", "b3"} & set(nearest_ids(by_items))
+    with pytest.raises(grpc.RpcError) as info:
+        generate(gen_server, "u1", n=2, context_attributes=["no-such-thing"])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown topic" in info.value.details()
