@@ -182,8 +182,12 @@ def sample_items(
     attribute_bias: Any = None,
     pool: int | None = None,
     return_scores: bool = False,
+    logits: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Sample ``n`` distinct items from ``softmax((logits + bias) / temperature)``.
+
+    ``logits``: the user's item logits when the caller has them already (``mu`` is
+    then not decoded again; biases still apply).
 
     ``exclude``: item ids or a boolean mask never returned (seen / disliked items);
     ``diversity``: MMR penalty in logit units (see the module docstring); ``seed``: anything
@@ -193,7 +197,11 @@ def sample_items(
     """
     if diversity < 0:
         raise ValueError("diversity must be >= 0")
-    logits = np.asarray(scores(runtime, mu, item_bias, attribute_bias), dtype=np.float64)
+    if logits is None:
+        logits = np.asarray(scores(runtime, mu, item_bias, attribute_bias), dtype=np.float64)
+    else:
+        bias = _item_bias(runtime, item_bias, attribute_bias)
+        logits = np.asarray(logits, dtype=np.float64) + (0.0 if bias is None else bias)
     if logits.ndim != 1:
         raise ValueError("sample_items takes a single latent (latent,)")
     p = _perturbed(logits, temperature, seed)

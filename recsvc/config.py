@@ -124,6 +124,10 @@ class Settings(BaseSettings):
         0.5, ge=0, le=1, description="generator weight in blend, unless the bundle tuned one"
     )
     max_generate: int = Field(100, ge=1, description="largest n a Generate may ask for")
+    # issue #15: Generate's per-user state (item logits, content profile) per process
+    generate_cache_mb: int = Field(
+        64, ge=0, description="per-process cache of Generate's per-user state, MiB (0: off)"
+    )
 
     # Online metrics: impressions, attribution, A/B variants, Prometheus (#13)
     impression_sample_rate: float = Field(

@@ -24,6 +24,7 @@ from recsvc.ranking import UserBatch
 from recsvc.ranking.build import pipeline_for
 from recsvc.similarity import CFModel
 from recsvc.state.feedback import FeedbackEvent, describe_problems, id_problem, to_stored
+from recsvc.state.generation_cache import UserStateCache
 from recsvc.state.latents import LatentCache
 from recsvc.store import (
     ApplyResult,
@@ -156,6 +157,7 @@ class Engine:
         self.store_error = ""
         self._background: set[asyncio.Task[None]] = set()
         self._latents = LatentCache(settings.latent_cache_users)
+        self.user_states = UserStateCache(settings.generate_cache_mb * 2**20)
 
     # -- store health -----------------------------------------------------------
 
@@ -492,17 +494,21 @@ class Engine:
         items, weights, degraded, cached = await self._history(
             model, user_id, with_vector=feedback, feedback=feedback
         )
-        mu = await self._latent(generator, user_id, items, weights, cached)
-        train = model.training_history(user_id)
         context = model.items.indices(context_item_ids) if context_item_ids else None
-        session = generator.session(items, weights, train, context, context_attrs,
-                                    self.settings.event_weights["like"])  # fmt: skip
         if context is not None:  # what the user is looking at is not generated again
             exclude = context if exclude is None else np.concatenate([exclude, context])
             exclude = exclude[exclude >= 0]
+        # what depends on the user's state alone is cached per event count (#15)
+        key = None
+        if cached is not None and context is None and not len(context_attrs):
+            key = (model.model_version, user_id, cached.events)
+        state = self.user_states.get(key) if key is not None else None
+        if state is None:
+            state = await self._user_state(model, user_id, items, weights, cached,
+                                           context, context_attrs, key)  # fmt: skip
         result = generator.generate(
-            mu, items, n, temperature, seed, diversity, neighbours,
-            model.bundle.similarity, topic, exclude, train, session,
+            None, items, n, temperature, seed, diversity, neighbours,
+            model.bundle.similarity, topic, exclude, state=state,
         )  # fmt: skip
         item_ids = model.items.ids
         attribute_ids = generator.attributes.ids if generator.attributes is not None else []
@@ -522,6 +528,29 @@ class Engine:
             degraded_reason=degraded,
             shortfall=result.shortfall,
         )
+
+    async def _user_state(  # type: ignore[no-untyped-def]
+        self, model, user_id, items, weights, cached, context=None, context_attrs=(), key=None
+    ):
+        """The generator's :class:`~recsvc.generate.UserState` for a user (cached
+        under ``key`` when given)."""
+        generator = model.generator
+        mu = await self._latent(generator, user_id, items, weights, cached)
+        train = model.training_history(user_id)
+        session = generator.session(items, weights, train, context, context_attrs,
+                                    self.settings.event_weights["like"])  # fmt: skip
+        state = generator.user_state(mu, items, train, session)
+        if key is not None:
+            self.user_states.put(key, state)
+        return state
+
+    async def _refresh_user_state(self, model: CFModel, user_id: str) -> None:
+        """After feedback (off the request path): recompute the cached generation
+        state of a user who has one, so their next Generate finds it fresh."""
+        items, weights, _, cached = await self._history(model, user_id, with_vector=True)
+        if cached is not None:
+            key = (model.model_version, user_id, cached.events)
+            await self._user_state(model, user_id, items, weights, cached, key=key)
 
     def similar_items(self, item_id: str, k: int) -> tuple[list[str], np.ndarray, str]:
         """The k items most similar to ``item_id``; :class:`NotFound` if unknown."""
@@ -663,5 +692,8 @@ class Engine:
                 await self.store.put_vector(
                     user, updates[-1][3], state.to_bytes(), generator.version
                 )
+            for user in users:
+                if self.user_states.has_user(model.model_version, user):
+                    await self._refresh_user_state(model, user)
         except StoreError as exc:
             log.info("user vectors not updated (%s); they are re-encoded on the next read", exc)

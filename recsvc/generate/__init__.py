@@ -53,6 +53,22 @@ class Generated:
 
 
 @dataclass
+class UserState:
+    """What Generate derives from a user's state alone (see :meth:`GeneratorModel.user_state`)."""
+
+    logits: np.ndarray  # the decoder's item logits (float32)
+    facet: np.ndarray | None = None  # the content profile over the facet
+    facet_positive: np.ndarray | None = None  # the same without negative feedback
+    affinity: np.ndarray | None = None  # over all attributes
+    combos: np.ndarray | None = None  # over facet combinations
+    history_attributes: np.ndarray | None = None  # attribute counts of the history
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+
+
+@dataclass
 class GenerationResult:
     items: list[Generated] = field(default_factory=list)
     seed: int = 0
@@ -201,23 +217,26 @@ class GeneratorModel:
         exclude: np.ndarray | None = None,
         train: tuple[np.ndarray, np.ndarray] | None = None,
         session: Session | None = None,
+        state: UserState | None = None,
     ) -> GenerationResult:
         """``n`` generated items for a user latent; deterministic for a seed.
 
         ``train``: the user's training items and weights; ``session``: items and
         signed weights since training (feedback, the request's context items and
-        attributes as items); both only shape the content profile."""
+        attributes as items); both only shape the content profile. ``state``:
+        :meth:`user_state` for these, when the caller has it cached."""
         banned = history if exclude is None else np.union1d(history, exclude)
         topic_attrs = self.topic_attributes(topic) if topic else None
-        empty = (np.empty(0, dtype=np.int64), np.empty(0))
+        if state is None:
+            state = self.user_state(mu, history, train, session)
         if self.has_content:
             items, shortfall = self._generate_content(
                 mu, history, banned, n, temperature, seed, diversity, neighbours, topic_attrs,
-                train or empty, session or Session(),
+                state,
             )  # fmt: skip
             return GenerationResult(items, seed, shortfall)
-        items = self._generate_items(mu, history, banned, n, temperature, seed, diversity,
-                                     neighbours, similarity)  # fmt: skip
+        items = self._generate_items(state.logits, history, banned, n, temperature, seed,
+                                     diversity, neighbours, similarity)  # fmt: skip
         return GenerationResult(items, seed)
 
     # -- content generation -------------------------------------------------------
@@ -231,32 +250,59 @@ class GeneratorModel:
         facet = p[self.profile.cols]
         return facet / max(facet.sum(), 1e-12), p
 
+    def user_state(
+        self,
+        mu: np.ndarray,
+        history: np.ndarray,
+        train: tuple[np.ndarray, np.ndarray] | None = None,
+        session: Session | None = None,
+    ) -> UserState:
+        """What generation computes from the user's state alone (no seed, topic or
+        request option): cacheable until the user's next event."""
+        h = self.runtime.decoder_hidden(mu)
+        logits = (self.runtime.Wout @ h + self.runtime.bout).astype(np.float32)
+        if not self.has_content:
+            return UserState(logits)
+        train = train or (np.empty(0, dtype=np.int64), np.empty(0))
+        session = session or Session()
+        profile = self.profile
+        prior_facet, prior_all = self._prior(h)
+        facet, positive, affinity = profile.user(train, session, prior_facet, prior_all)
+        item_prior = np.exp(logits.astype(np.float64) - logits.max())
+        combos = profile.combos(train, session, item_prior, facet, positive)
+        history_attributes = None
+        if len(history):
+            in_history = np.zeros(len(logits))
+            in_history[history] = 1.0
+            history_attributes = profile.AT @ in_history
+        return UserState(logits, facet, positive, affinity, combos, history_attributes)
+
     def _generate_content(  # type: ignore[no-untyped-def]
         self, mu, history, banned, n, temperature, seed, diversity, neighbours, topic_attrs,
-        train, session,
+        state,
     ) -> tuple[list[Generated], str]:  # fmt: skip
         """Calibrated content, realised by the catalogue items that fit the user.
 
-        1. The facet profile ``P`` (long-term taste, feedback and context since
-           training; :mod:`recsvc.generate.profile`) sharpened by the temperature.
-        2. Anchors: ``n`` facet attributes by systematic sampling from ``P``
-           (a seeded start, evenly spaced points): each attribute gets
-           ``floor`` or ``ceil`` of ``n * P(a)`` items, so the generated content
-           is calibrated to the user, not to the catalogue's blockbusters. With a
-           topic, the anchor is the topic itself, for every item.
-        3. The first nearest item of an anchor: among the unseen catalogue items
-           carrying it, the one with the best ``logit / T + Gumbel + sum of log P``
-           over its facet attributes (the user's item distribution, sampled with
-           the seed, times how well the rest of its content fits the profile).
-        4. Content: the anchor, then the item's other attributes by the user's
+        1. The user's distribution over the facet's *combinations* (an item's whole
+           facet content, e.g. its genre set): long-term taste, feedback and
+           context since training (:meth:`~recsvc.generate.profile.ContentProfile.combos`),
+           sharpened by the temperature.
+        2. ``n`` combinations by systematic sampling (a seeded start, evenly spaced
+           points): each gets ``floor`` or ``ceil`` of ``n`` times its share, so the
+           content is calibrated to the user, not to the catalogue's blockbusters.
+        3. The first nearest item of a combination: the unseen item carrying it
+           with the best ``logit / T + Gumbel`` (the user's item distribution,
+           sampled with the seed). With a topic, the candidates are the unseen
+           items carrying it, ranked by that plus how well the rest of their
+           content fits the profile (``sum of log P`` over their facet attributes).
+        4. Content: the anchor (the combination's attribute the user likes most,
+           or the topic), then the item's other attributes by the user's
            affinity, so content and item agree by construction; the other
-           nearest items are those carrying most of that content.
+           nearest items carry the anchor and most of the rest.
         """
         profile = self.profile
-        h = self.runtime.decoder_hidden(mu)
-        prior_facet, prior_all = self._prior(h)
-        P, P_positive, affinity = profile.user(train, session, prior_facet, prior_all)
-        logits = (self.runtime.Wout @ h + self.runtime.bout).astype(np.float64)
+        P, affinity = state.facet, state.affinity
+        logits = state.logits.astype(np.float64)
         rng = np.random.default_rng(seed)
         score = logits / temperature + rng.gumbel(size=len(logits))
         score[banned] = -np.inf
@@ -280,9 +326,7 @@ class GeneratorModel:
             anchors: list[int | None] = [None] * len(order)
             firsts = order.tolist()
         else:
-            item_prior = np.exp(logits - logits.max())
-            weights = profile.combos(train, session, item_prior, P, P_positive)
-            weights = weights ** (1.0 / temperature)
+            weights = state.combos ** (1.0 / temperature)
             drawn = _systematic(weights / weights.sum(), n, rng)
             firsts, anchors = [], []
             for c in drawn:
@@ -315,11 +359,7 @@ class GeneratorModel:
             score[firsts] = -np.inf
         results = []
         A = profile.A
-        user_attrs = None
-        if len(history):
-            in_history = np.zeros(len(logits))
-            in_history[history] = 1.0
-            user_attrs = profile.AT @ in_history
+        user_attrs = state.history_attributes
         first_set = np.zeros(len(logits), dtype=bool)
         first_set[firsts] = True
         penalty = np.zeros(len(affinity))
@@ -372,11 +412,12 @@ class GeneratorModel:
         return [(int(c), float(v)) for c, v in zip(cands[order], vals[order], strict=True)]
 
     def _generate_items(
-        self, mu, history, banned, n, temperature, seed, diversity, neighbours, similarity
+        self, user_logits, history, banned, n, temperature, seed, diversity, neighbours,
+        similarity,
     ) -> list[Generated]:  # type: ignore[no-untyped-def]
         picked, logits = sample_items(
-            self.runtime, mu, n, temperature=temperature, seed=seed, exclude=banned,
-            diversity=diversity, return_scores=True,
+            self.runtime, None, n, temperature=temperature, seed=seed, exclude=banned,
+            diversity=diversity, return_scores=True, logits=user_logits,
         )  # fmt: skip
         results = []
         for item, logit in zip(
@@ -418,6 +459,4 @@ def _carrying(A: sp.csr_matrix, rows: np.ndarray, wanted: np.ndarray) -> np.ndar
     first = np.cumsum(lengths) - lengths
     positions = np.arange(total) + np.repeat(starts - first, lengths)
     hits = wanted[A.indices[positions]]
-    counts = np.zeros(len(rows), dtype=np.int64)
-    np.add.at(counts, np.repeat(np.arange(len(rows)), lengths), hits)
-    return counts
+    return np.bincount(np.repeat(np.arange(len(rows)), lengths), weights=hits, minlength=len(rows))

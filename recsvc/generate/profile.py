@@ -273,9 +273,7 @@ class ContentProfile:
         return raw / total if total > 0 else np.full(self.n_combos, 1.0 / max(self.n_combos, 1))
 
     def _dense(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        x = np.zeros(self.n_items)
-        np.add.at(x, items, weights)
-        return x
+        return np.bincount(items, weights=weights, minlength=self.n_items).astype(np.float64)
 
     def user(
         self,
@@ -292,9 +290,9 @@ class ContentProfile:
         and all attributes)."""
         x_long = self._dense(train[0], np.maximum(train[1], 0.0))
         x_session = self._dense(session.items, session.weights)
-        extra = np.zeros(self.AT.shape[0])
-        if len(session.attributes):
-            np.add.at(extra, session.attributes, session.attribute_weight)
+        extra = np.bincount(session.attributes, minlength=self.AT.shape[0]) * float(
+            session.attribute_weight
+        )
         facet = self._mix(self.FT, x_long, x_session, prior_facet, extra[self.cols])
         every = self._mix(self.AT, x_long, x_session, prior_all, extra)
         positive = self._mix(  # the facet profile without negative feedback

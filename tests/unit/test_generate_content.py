@@ -218,3 +218,25 @@ def test_session_prior_is_small_when_recent_events_predict_the_next():
             users, items, np.ones(len(users)), np.arange(len(users)), facet
         )["kappa"]
     assert results[True] <= 16 < results[False]
+
+
+def test_user_state_cache_is_exact_per_event_count_and_bounded():
+    from recsvc.generate import UserState
+    from recsvc.state.generation_cache import UserStateCache
+
+    def state(size: int) -> UserState:
+        return UserState(np.zeros(size, dtype=np.float32))
+
+    cache = UserStateCache(max_bytes=3 * 400)
+    first = state(100)  # 400 bytes
+    cache.put(("v1", "u1", 3), first)
+    assert cache.get(("v1", "u1", 3)) is first
+    assert cache.get(("v1", "u1", 4)) is None  # a new event: stale
+    assert cache.get(("v2", "u1", 3)) is None  # another model
+    cache.put(("v1", "u1", 4), state(100))  # replaces the user's entry
+    assert len(cache) == 1 and cache.get(("v1", "u1", 3)) is None
+    for user in ("u2", "u3", "u4"):
+        cache.put(("v1", user, 0), state(100))
+    assert len(cache) == 3 and not cache.has_user("v1", "u1")  # least recent out
+    cache.put(("v1", "big", 0), state(1000))  # larger than the whole cache: not kept
+    assert not cache.has_user("v1", "big")
