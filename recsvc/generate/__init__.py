@@ -162,10 +162,11 @@ class GeneratorModel:
         exact = self.attributes.get(topic)
         if exact >= 0:
             return np.array([exact])
-        found = self._by_value.get(topic, [])
+        # a bare value that names several kinds means the most structured one
+        found = self._most_structured(self._by_value.get(topic, []))
         if not found:
             for word in topic.replace(",", " ").split():
-                found += self._by_value.get(word, [])
+                found += self._most_structured(self._by_value.get(word, []))
         if not found:
             examples = ", ".join(self.attributes.ids[:: max(1, len(self.attributes) // 8)][:8])
             raise InvalidArgument(
@@ -200,6 +201,17 @@ class GeneratorModel:
             session_items = np.concatenate([session_items, known])
             session_weights = np.concatenate([session_weights, np.full(len(known), context_weight)])
         return Session(session_items, session_weights, context_attributes, context_weight)
+
+    def _most_structured(self, found: list[int]) -> list[int]:
+        """Of attributes a bare value matched, those of the most structured kind
+        (category, then tag, then word): "war" is the category, not the title word."""
+        assert self.attributes is not None
+        names = self.attributes.ids
+        for kind in ("category:", "tag:", "word:"):
+            of_kind = [a for a in found if names[a].startswith(kind)]
+            if of_kind:
+                return of_kind
+        return found
 
     # -- generation -------------------------------------------------------------
 

@@ -14,13 +14,13 @@ from recsvc.generate import GeneratorModel
 from recsvc.generate.profile import Session, fit_session_prior, since_training
 
 # 6 categories, 40 items each; every item also has a second category (a combination)
-# and a tag; category "rare" has only 3 items
+# and a tag; category "rare" has only 3 items, whose titles have the word "c4"
 CATEGORIES = ["c0", "c1", "c2", "c3", "c4", "c5"]
 PER = 40
 
 
 def catalogue() -> tuple[IdMap, sp.csr_matrix, dict[str, np.ndarray]]:
-    names = [f"category:{c}" for c in CATEGORIES] + ["category:rare", "tag:x", "tag:y"]
+    names = [f"category:{c}" for c in CATEGORIES] + ["category:rare", "tag:x", "tag:y", "word:c4"]
     vocab = IdMap(names)
     rows, cols = [], []
     of: dict[str, list[int]] = {c: [] for c in CATEGORIES + ["rare"]}
@@ -35,8 +35,8 @@ def catalogue() -> tuple[IdMap, sp.csr_matrix, dict[str, np.ndarray]]:
             of[second].append(item)
             item += 1
     for _ in range(3):
-        rows += [item, item]
-        cols += [vocab.index("category:rare"), vocab.index("category:c0")]
+        rows += [item, item, item]
+        cols += [vocab.index("category:rare"), vocab.index("category:c0"), vocab.index("word:c4")]
         of["rare"].append(item)
         of["c0"].append(item)
         item += 1
@@ -131,7 +131,7 @@ def test_generated_content_follows_the_users_taste(setup):
 def test_a_topic_is_a_constraint_and_a_shortfall_is_said(setup):
     model, vocab, matrix, of = setup
     history = user_history(of, {"c2": 10})
-    result = run(model, history, topic="c4")
+    result = run(model, history, topic="c4")  # the category, not the title word
     topic = vocab.index("category:c4")
     assert len(result.items) == 10 and not result.shortfall
     for g in result.items:
