@@ -133,7 +133,7 @@ def start_server(
         proc = subprocess.Popen(
             [sys.executable, "-m", "recsvc", "serve", "--model", str(model), "--port", "0",
              "--host", "127.0.0.1", "--data-dir", str(work / "redis")],
-            stderr=log, env=env,
+            stderr=log, env=env, cwd=pythonpath,  # (-m puts the working directory first)
         )  # fmt: skip
     deadline = time.monotonic() + 120
     while "serving on port" not in log_path.read_text():
