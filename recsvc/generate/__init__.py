@@ -339,7 +339,8 @@ class GeneratorModel:
             firsts = order.tolist()
         else:
             weights = state.combos ** (1.0 / temperature)
-            drawn = _systematic(weights / weights.sum(), n, rng)
+            drawn = _systematic(weights / weights.sum(), 2 * n, rng)
+            drawn = _calibrated_subset(drawn, n, profile.combo_split, P)
             firsts, anchors = [], []
             for c in drawn:
                 cands = profile.combo_items[profile.combo_ptr[c]:profile.combo_ptr[c + 1]]
@@ -472,3 +473,27 @@ def _carrying(A: sp.csr_matrix, rows: np.ndarray, wanted: np.ndarray) -> np.ndar
     positions = np.arange(total) + np.repeat(starts - first, lengths)
     hits = wanted[A.indices[positions]]
     return np.bincount(np.repeat(np.arange(len(rows)), lengths), weights=hits, minlength=len(rows))
+
+
+def _calibrated_subset(
+    pool: np.ndarray, n: int, split: sp.csr_matrix, target: np.ndarray, alpha: float = 0.01
+) -> np.ndarray:
+    """``n`` of the combinations in ``pool`` (a calibrated sample), chosen greedily so
+    that their facet content (``split``: combinations x facet, rows summing to 1)
+    has the smallest KL divergence from ``target`` (Steck 2018's calibration
+    measure, ``alpha`` its smoothing), in the pool's order among equals."""
+    rows = split[pool].toarray()
+    chosen: list[int] = []
+    total = np.zeros(split.shape[1])
+    free = np.ones(len(pool), dtype=bool)
+    support = target > 0
+    p = target[support]
+    for _ in range(min(n, len(pool))):
+        q = (total[None, support] + rows[:, support]) / (len(chosen) + 1)
+        kl = (p * np.log(p / ((1 - alpha) * q + alpha * p))).sum(axis=1)
+        kl[~free] = np.inf
+        best = int(np.argmin(kl))
+        chosen.append(best)
+        free[best] = False
+        total += rows[best]
+    return pool[np.asarray(chosen, dtype=np.int64)]

@@ -221,6 +221,10 @@ class ContentProfile:
             (np.ones(len(self.combo_attrs)), self.combo_attrs, self.combo_attr_ptr),
             shape=(self.n_combos, len(self.cols)),
         )
+        self.combo_split = sp.csr_matrix(  # each combination's unit mass, split evenly
+            (1.0 / np.repeat(lengths, lengths), self.combo_attrs, self.combo_attr_ptr),
+            shape=(self.n_combos, len(self.cols)),
+        )
 
     def combos(
         self,
