@@ -338,7 +338,9 @@ class GeneratorModel:
             anchors: list[int | None] = [None] * len(order)
             firsts = order.tolist()
         else:
-            weights = state.combos ** (1.0 / temperature)
+            with np.errstate(divide="ignore"):  # (log space: no underflow at low T)
+                log_weights = np.log(state.combos) / temperature
+            weights = np.exp(log_weights - log_weights.max())
             drawn = _systematic(weights / weights.sum(), 2 * n, rng)
             drawn = _calibrated_subset(drawn, n, profile.combo_split, P)
             firsts, anchors = [], []

@@ -240,3 +240,13 @@ def test_user_state_cache_is_exact_per_event_count_and_bounded():
     assert len(cache) == 3 and not cache.has_user("v1", "u1")  # least recent out
     cache.put(("v1", "big", 0), state(1000))  # larger than the whole cache: not kept
     assert not cache.has_user("v1", "big")
+
+
+def test_low_temperature_stays_finite_and_concentrates(setup):
+    model, _, _, of = setup
+    history = user_history(of, {"c2": 14, "c4": 6})
+    weights = np.ones(len(history))
+    _, mu = model.encode(history, weights)
+    cold = model.generate(mu, history, 10, 0.01, 1, 0.5, 3, None, "", None, (history, weights))
+    assert len(cold.items) == 10
+    assert share(cold, of, "c2") >= share(run(model, history), of, "c2")
