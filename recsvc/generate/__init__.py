@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -375,6 +376,8 @@ class GeneratorModel:
         results = []
         A = profile.A
         user_attrs = state.history_attributes
+        if user_attrs is not None:  # the history's (row, attribute) pairs, gathered once
+            history_rows, history_attrs = _gather(A, history)
         first_set = np.zeros(len(logits), dtype=bool)
         first_set[firsts] = True
         penalty = np.zeros(len(affinity))
@@ -399,7 +402,8 @@ class GeneratorModel:
             if user_attrs is not None:
                 why_attrs = picked[np.argsort(-user_attrs[picked], kind="stable")]
                 why_attrs = why_attrs[user_attrs[why_attrs] > 0][:3]
-                shared = _carrying(A, history, wanted)
+                shared = np.bincount(history_rows, weights=wanted[history_attrs],
+                                     minlength=len(history))  # fmt: skip
                 top = np.argsort(-shared, kind="stable")[:3]
                 why_items = history[top][shared[top] > 0]
             wanted[picked] = 0
@@ -463,28 +467,31 @@ def _systematic(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.nda
     return picked[rng.permutation(n)]
 
 
-def _carrying(A: sp.csr_matrix, rows: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """For each of ``rows`` of a binary CSR matrix, how many of its columns are
-    ``wanted`` (vectorised: no per-row Python)."""
+def _gather(A: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (position in ``rows``, column) pairs of ``rows`` of a CSR matrix
+    (vectorised: no per-row Python)."""
     starts, ends = A.indptr[rows], A.indptr[rows + 1]
     lengths = ends - starts
     total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(len(rows), dtype=np.int64)
     first = np.cumsum(lengths) - lengths
     positions = np.arange(total) + np.repeat(starts - first, lengths)
-    hits = wanted[A.indices[positions]]
-    return np.bincount(np.repeat(np.arange(len(rows)), lengths), weights=hits, minlength=len(rows))
+    return np.repeat(np.arange(len(rows)), lengths), A.indices[positions]
+
+
+def _carrying(A: sp.csr_matrix, rows: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """For each of ``rows`` of a binary CSR matrix, how many of its columns are ``wanted``."""
+    row, col = _gather(A, rows)
+    return np.bincount(row, weights=wanted[col], minlength=len(rows))
 
 
 def _calibrated_subset(
-    pool: np.ndarray, n: int, split: sp.csr_matrix, target: np.ndarray, alpha: float = 0.01
+    pool: np.ndarray, n: int, split: Any, target: np.ndarray, alpha: float = 0.01
 ) -> np.ndarray:
     """``n`` of the combinations in ``pool`` (a calibrated sample), chosen greedily so
     that their facet content (``split``: combinations x facet, rows summing to 1)
     has the smallest KL divergence from ``target`` (Steck 2018's calibration
     measure, ``alpha`` its smoothing), in the pool's order among equals."""
-    rows = split[pool].toarray()
+    rows = split[pool] if isinstance(split, np.ndarray) else split[pool].toarray()
     chosen: list[int] = []
     total = np.zeros(split.shape[1])
     free = np.ones(len(pool), dtype=bool)

@@ -221,10 +221,12 @@ class ContentProfile:
             (np.ones(len(self.combo_attrs)), self.combo_attrs, self.combo_attr_ptr),
             shape=(self.n_combos, len(self.cols)),
         )
-        self.combo_split = sp.csr_matrix(  # each combination's unit mass, split evenly
+        split = sp.csr_matrix(  # each combination's unit mass, split evenly
             (1.0 / np.repeat(lengths, lengths), self.combo_attrs, self.combo_attr_ptr),
             shape=(self.n_combos, len(self.cols)),
         )
+        # dense when small (a few MB at most): rows are read on every Generate
+        self.combo_split = split.toarray() if split.shape[0] * split.shape[1] <= 2**20 else split
 
     def combos(
         self,
