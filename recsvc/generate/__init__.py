@@ -396,7 +396,8 @@ class GeneratorModel:
             wanted[picked] = 1
             nearest = [(item, float(logits[item]))]
             if neighbours > 1 and len(picked):
-                nearest += self._more_nearest(picked[0], wanted, score, first_set, neighbours - 1)
+                nearest += self._more_nearest(item, picked[0], wanted, score, first_set,
+                                              neighbours - 1)  # fmt: skip
             why_attrs = np.empty(0, dtype=np.int64)
             why_items = np.empty(0, dtype=np.int64)
             if user_attrs is not None:
@@ -415,10 +416,22 @@ class GeneratorModel:
             ))  # fmt: skip
         return results, shortfall
 
-    def _more_nearest(self, anchor, wanted, score, first_set, k):  # type: ignore[no-untyped-def]
-        """Up to ``k`` more items carrying the anchor and the most of the rest of the
-        content (``wanted``: 1 for the content's attributes), among the user's 8k
-        best such items; not the first nearest item of any generated item."""
+    def _more_nearest(self, item, anchor, wanted, score, first_set, k):  # type: ignore[no-untyped-def]
+        """Up to ``k`` more items: the user's best of the item's own facet combination
+        (they carry all of its facet content) when it has ``k`` left, else those
+        carrying the anchor and the most of the rest of the content (``wanted``: 1
+        for the content's attributes), among the user's 8k best such items; never
+        the first nearest item of any generated item."""
+        profile = self.profile
+        c = profile.combo[item]
+        if c >= 0:
+            mates = profile.combo_items[profile.combo_ptr[c]:profile.combo_ptr[c + 1]]
+            vals = score[mates]
+            ok = np.isfinite(vals) & ~first_set[mates]
+            if ok.sum() >= k:
+                mates, vals = mates[ok], vals[ok]
+                order = np.argsort(-vals, kind="stable")[:k]
+                return [(int(m), float(v)) for m, v in zip(mates[order], vals[order], strict=True)]
         attr_items = self._attribute_items
         cands = attr_items.indices[attr_items.indptr[anchor]:attr_items.indptr[anchor + 1]]
         vals = score[cands]
