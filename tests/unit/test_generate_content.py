@@ -250,3 +250,32 @@ def test_low_temperature_stays_finite_and_concentrates(setup):
     cold = model.generate(mu, history, 10, 0.01, 1, 0.5, 3, None, "", None, (history, weights))
     assert len(cold.items) == 10
     assert share(cold, of, "c2") >= share(run(model, history), of, "c2")
+
+
+def test_a_catalogue_without_categories_uses_its_tags():
+    """The same code on another kind of catalogue: tags only (and title words)."""
+    from recsvc.generate.profile import choose_facet
+
+    rng = np.random.default_rng(3)
+    tags = [f"tag:t{k}" for k in range(5)]
+    words = [f"word:w{k}" for k in range(20)]
+    vocab = IdMap(tags + words)
+    rows, cols = [], []
+    for item in range(150):
+        for name in {tags[item % 5], tags[(item // 5) % 5], words[rng.integers(20)]}:
+            rows.append(item)
+            cols.append(vocab.index(name))
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(150, len(vocab)))
+    facet, _ = choose_facet(vocab.ids, matrix)
+    assert facet == "tag"
+    model = GeneratorModel(runtime(150, len(vocab), seed=1), vocab, matrix, "tags", None)
+    t0 = np.array([i for i in range(150) if i % 5 == 0 and (i // 5) % 5 == 0])  # t0 only
+    history = t0[:5]
+    result = run(model, history, n=6)
+    t0_index = vocab.index("tag:t0")
+    firsts = [g.nearest[0][0] for g in result.items]
+    assert np.mean([matrix[i, t0_index] > 0 for i in firsts]) >= 0.5
+    for g in result.items:  # content is carried by the item it names
+        assert all(matrix[g.nearest[0][0], a] > 0 for a, _ in g.content)
+    topical = run(model, history, n=6, topic="t3")
+    assert all(matrix[g.nearest[0][0], vocab.index("tag:t3")] > 0 for g in topical.items)
