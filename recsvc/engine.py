@@ -19,7 +19,14 @@ import numpy as np
 
 from recsvc.bundle import load_bundle
 from recsvc.config import Settings
-from recsvc.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from recsvc.errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    RecsvcError,
+    ResourceExhausted,
+    Unavailable,
+)
 from recsvc.ranking import UserBatch
 from recsvc.ranking.build import pipeline_for
 from recsvc.similarity import CFModel
@@ -648,6 +655,20 @@ class Engine:
             self._in_background(self._update_vectors(model, stored, results))
         return results
 
+    async def _reencode_vector(self, model: CFModel, user: str) -> None:
+        """Encode the user's whole merged history and cache it (compare-and-set on
+        the event count read with it, so a state overtaken meanwhile is not stored)."""
+        assert model.generator is not None
+        try:
+            items, weights, _, cached = await self._history(model, user, with_vector=True)
+        except RecsvcError as exc:  # a failed read, already logged: the next read encodes
+            log.info("user vector not re-encoded: %s", exc)
+            return
+        if cached is None or cached.fresh_for(model.generator.version):
+            return
+        state, _ = model.generator.encode(items, weights)
+        await self.store.put_vector(user, cached.events, state.to_bytes(), model.generator.version)
+
     async def _update_vectors(
         self, model: CFModel, events: Sequence[StoredEvent], results: Sequence[ApplyResult]
     ) -> None:
@@ -670,16 +691,17 @@ class Engine:
                 consecutive = [u[3] for u in updates] == list(
                     range(first + 1, first + 1 + len(updates))
                 )
-                if not consecutive:
-                    continue  # the next read re-encodes from the history
-                if vector.blob and vector.model == generator.version and (
+                if vector.blob and vector.model == generator.version and consecutive and (
                     vector.vector_events == first
                 ):
                     state = generator.state_from_bytes(vector.blob)
-                elif first == 0:  # their first events: start from the training history
+                elif first == 0 and consecutive:  # first events: from the training history
                     state, _ = generator.encode(*model.training_history(user))
                 else:
-                    continue  # missing or behind: the next read re-encodes from the history
+                    # missing or behind (e.g. an earlier batch's update has not landed
+                    # yet): encode the whole stored history, as a read would
+                    await self._reencode_vector(model, user)
+                    continue
                 for item, delta, feedback_weight, _ in updates:
                     if item >= 0:
                         trained = model.training_weight(user, item)
