@@ -361,7 +361,7 @@ class Engine:
 
         if strategy == STRATEGY_SEQUENCE:
             ranked = await self._rank_sequence(model, user_id, k, exclude, restrict, include_seen)
-            return self._recommendation(model, *ranked)
+            return self._recommendation(model, *ranked, strategy)
         use_generator = model.generator is not None and strategy != STRATEGY_CF
         items, weights, degraded, cached = await self._history(
             model, user_id, with_vector=use_generator and feedback, feedback=feedback
@@ -405,7 +405,9 @@ class Engine:
                 1.0 if strategy == STRATEGY_GENERATOR else blend_weight,
             )  # fmt: skip
             personalized = len(items) > 0
-        return self._recommendation(model, chosen, scores, sources, personalized, degraded)
+        return self._recommendation(
+            model, chosen, scores, sources, personalized, degraded, strategy
+        )
 
     async def _sequence_view(self, model: CFModel, user_id: str) -> tuple[Any, str]:
         """The user's sequence view (#11) and why it is degraded: with Redis down, the
@@ -493,7 +495,7 @@ class Engine:
 
     @staticmethod
     def _recommendation(  # type: ignore[no-untyped-def]
-        model, chosen, scores, sources, personalized, degraded
+        model, chosen, scores, sources, personalized, degraded, strategy
     ) -> Recommendation:
         ids = model.items.ids
         return Recommendation(
