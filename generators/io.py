@@ -136,6 +136,16 @@ def save_generator(
     return directory
 
 
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` dict saved by ``torch.save``, read with ``weights_only=True``."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValueError(f"{path} is not a flat dict of tensors")
+    return obj
+
+
 def _read(
     directory: str | os.PathLike[str], verify: bool
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], sp.csr_matrix | None]:
@@ -155,12 +165,7 @@ def _read(
                 raise ValueError(f"checksum mismatch for {directory / name}")
 
     def load(name: str) -> dict[str, torch.Tensor]:
-        obj = torch.load(directory / name, map_location="cpu", weights_only=True)
-        if not isinstance(obj, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-        ):
-            raise ValueError(f"{directory / name} is not a flat dict of tensors")
-        return obj
+        return load_tensors(directory / name)
 
     tensors = load(WEIGHTS)
     ia = None

@@ -11,6 +11,8 @@ Layout of a bundle directory (format version 1)::
     attributes.txt    (with a catalogue) content attributes, one per line
     item_attributes.npz (with a catalogue) items x attributes CSR float32
     generator/        (optional) the generative model, see generators/io.py
+    sequence/         (optional, #11) the sequence model and each user's training tail,
+                      see generators/sequence.py
 
 Nothing in a bundle is unpickled on load (``allow_pickle=False`` throughout),
 and every file's checksum is verified against the manifest.
@@ -60,6 +62,9 @@ class CFBundle:
     generator_dir: Path | None = None
     # the low-rank term's item factors (items x rank, float32), if the mixture uses it
     item_factors: np.ndarray | None = None
+    # to save: (generators.sequence.SASRec, per-user ordered item lists); after loading: its dir
+    sequence: Any = None
+    sequence_dir: Path | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -102,6 +107,10 @@ def save_bundle(bundle: CFBundle, out_dir: str | os.PathLike[str], overwrite: bo
             from generators.io import save_generator
 
             save_generator(bundle.generator, tmp / "generator")
+        if bundle.sequence is not None:
+            from generators.sequence import save_sequence
+
+            save_sequence(bundle.sequence[0], tmp / "sequence", bundle.sequence[1])
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         created = datetime.now(UTC)
         content_hash = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:8]
@@ -185,4 +194,5 @@ def load_bundle(model_dir: str | os.PathLike[str], verify: bool = True) -> CFBun
         item_attributes=item_attributes,
         generator_dir=root / "generator" if (root / "generator").is_dir() else None,
         item_factors=item_factors,
+        sequence_dir=root / "sequence" if (root / "sequence").is_dir() else None,
     )

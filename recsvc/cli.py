@@ -167,7 +167,12 @@ def strategy_scores(model, strategy: str, generator_weight):  # type: ignore[no-
             pipeline = pipeline.with_weights(generator_weight)
         elif generator_weight is not None:
             pipeline = pipeline.with_generator_weight(generator_weight)
-        return lambda users: pipeline.dense_scores(UserBatch(train[users]))
+        def batch_of(users: np.ndarray) -> UserBatch:
+            batch = UserBatch(train[users])
+            batch.cache["users"] = users  # the sequence member reads its users' tails (#11)
+            return batch
+
+        return lambda users: pipeline.dense_scores(batch_of(users))
     assert generator_weight is not None
     return blend_scorer(model.generator, model.bundle.similarity, train, generator_weight)
 
@@ -179,6 +184,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model = load_model(args.model)
+    if args.leave_one_out:  # issue #11
+        from recsvc.evaluate import leave_one_out
+
+        strategy = args.strategy or ("sequence" if model.sequence is not None else "cf")
+        found = leave_one_out(model, args.test, strategy, args.k)
+        print(json.dumps({
+            "model_version": model.model_version, "protocol": "leave-one-out",
+            "strategy": strategy, "k": args.k,
+            **{key: round(v, 4) if isinstance(v, float) else v for key, v in found.items()},
+            "seconds": round(time.perf_counter() - started, 1),
+        }))  # fmt: skip
+        return 0
     test = read_interactions(args.test)
     users = model.users.indices(test.user_ids)
     items = model.items.indices(test.item_ids)
@@ -300,6 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--mixture-users", type=int, default=6000, help="validation users the mixture is tuned on"
     )
+    # issue #11: the sequence model
+    train.add_argument(
+        "--sequence",
+        action="store_true",
+        help="also train the sequence model (SASRec, full softmax); needs ordered data",
+    )
+    train.add_argument(
+        "--sequence-minutes",
+        type=float,
+        default=10.0,
+        help="time budget of sequence training (0: none); epochs stop early on validation",
+    )
+    train.add_argument("--sequence-epochs", type=int, help="most epochs (default 200)")
+    train.add_argument("--sequence-dim", type=int, help="default: generators.sequence.SeqConfig")
+    train.add_argument("--sequence-lr", type=float, help="default: generators.sequence.SeqConfig")
+    train.add_argument(
+        "--sequence-batch-size", type=int, help="default: generators.sequence.SeqConfig"
+    )
+    train.add_argument(
+        "--sequence-max-len", type=int, help="items of the window the model reads (default 200)"
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--force", action="store_true", help="replace an existing bundle")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -370,8 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", type=int, default=20)
     evaluate.add_argument(
         "--strategy",
-        choices=["cf", "generator", "blend"],
-        help="default: blend with a generator, else cf",
+        choices=["cf", "generator", "blend", "sequence"],
+        help="default: blend with a generator, else cf (--leave-one-out: sequence, else cf)",
+    )
+    evaluate.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="#11: --test is a whole ordered log; per user rank all items after everything "
+        "but the last item, which is the target (HR@k, NDCG@k over all users)",
     )
     evaluate.add_argument(
         "--blend-weight",

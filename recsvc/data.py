@@ -8,6 +8,13 @@ Two input formats are accepted (chosen by :func:`read_interactions`):
   arbitrary strings.
 * The line format of the Gowalla split: ``user item item ...`` per line.
 
+Event order (issue #11): a CSV/TSV log is ordered by its ``timestamp`` column
+(rows with equal times keep their line order). A line file whose every line is
+``user item`` (the ML-1M / Beauty sequence files of SASRec and BERT4Rec) is
+ordered by line: each user's lines are oldest first. A line file with several
+items on a line (Gowalla) carries no order. :attr:`Interactions.ordered` says
+which; :func:`user_sequences` gives each user's items in order.
+
 Each row gets a weight: the ``weight`` column when present, else the weight of
 its event type (ratings: ``weight * (value - rating_midpoint)``), else 1. The
 matrix sums the weights per (user, item) and keeps only positive sums, so
@@ -96,13 +103,15 @@ def event_weight(
 class Interactions:
     """Parallel arrays: one row per interaction (external ids, weight, time).
 
-    ``timestamps_ms`` is 0 where the log gave no time.
+    ``timestamps_ms`` is 0 where the log gave no time. ``ordered``: the rows of
+    each user, sorted stably by time, are in the order the events happened.
     """
 
     user_ids: list[str]
     item_ids: list[str]
     weights: np.ndarray
     timestamps_ms: np.ndarray
+    ordered: bool = False
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -119,6 +128,7 @@ class Interactions:
             [i for p in parts for i in p.item_ids],
             np.concatenate([p.weights for p in parts]),
             np.concatenate([p.timestamps_ms for p in parts]),
+            all(p.ordered for p in parts),
         )
 
 
@@ -192,14 +202,18 @@ def read_interactions(
 def _read_lines(path: Path, show_progress: bool) -> Interactions:
     users: list[str] = []
     items: list[str] = []
+    pairs_only = True  # every line ``user item``: the sequence format, ordered by line
     for line in _progress_lines(path, "reading", show_progress):
         parts = line.split()
         if len(parts) < 2:
             continue  # blank, or a user with no items
+        pairs_only = pairs_only and len(parts) == 2
         users.extend([parts[0]] * (len(parts) - 1))
         items.extend(parts[1:])
     n = len(users)
-    return Interactions(users, items, np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.int64))
+    return Interactions(
+        users, items, np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.int64), pairs_only
+    )
 
 
 def _read_table(
@@ -255,8 +269,24 @@ def _read_table(
         items.append(item)
         weights.append(weight)
     return Interactions(
-        users, items, np.asarray(weights, dtype=np.float32), np.asarray(times, dtype=np.int64)
+        users, items, np.asarray(weights, dtype=np.float32), np.asarray(times, dtype=np.int64),
+        ordered=time_col is not None,
     )
+
+
+def user_sequences(interactions: Interactions, users: IdMap, items: IdMap) -> list[np.ndarray]:
+    """Each user's positive events as item indices, oldest first (``users`` order).
+
+    Rows are sorted stably by time, so rows of equal time keep their line order;
+    events with a weight <= 0 (dislikes, low ratings) are left out. Meaningful
+    only when ``interactions.ordered``."""
+    rows = users.indices(interactions.user_ids)
+    cols = items.indices(interactions.item_ids)
+    keep = (interactions.weights > 0) & (rows >= 0) & (cols >= 0)
+    rows, cols, times = rows[keep], cols[keep], interactions.timestamps_ms[keep]
+    order = np.lexsort((times, rows))  # by user, then time; stable within equal keys
+    counts = np.bincount(rows, minlength=len(users))
+    return np.split(cols[order], np.cumsum(counts)[:-1])
 
 
 def build_matrix(

@@ -52,11 +52,13 @@ log = logging.getLogger(__name__)
 SOURCE_CF = "cf"
 SOURCE_POPULARITY = "popularity"
 SOURCE_GENERATOR = "generator"
+SOURCE_SEQUENCE = "sequence"
 
 STRATEGY_CF = "cf"
 STRATEGY_GENERATOR = "generator"
 STRATEGY_BLEND = "blend"
-STRATEGIES = (STRATEGY_CF, STRATEGY_GENERATOR, STRATEGY_BLEND)
+STRATEGY_SEQUENCE = "sequence"
+STRATEGIES = (STRATEGY_CF, STRATEGY_GENERATOR, STRATEGY_BLEND, STRATEGY_SEQUENCE)
 
 
 def blend_scores(
@@ -98,7 +100,11 @@ def load_model(model_dir: Path) -> CFModel:
             source=f"catalogue {bundle.params.get('catalogue', 'none')} of bundle {model_dir}",
             session_prior=(bundle.params.get("generate") or {}).get("kappa"),
         )
-    model.pipeline = pipeline_for(bundle, model.generator)
+    if bundle.sequence_dir is not None:
+        from recsvc.sequence import SequenceModel  # imports torch: only when needed
+
+        model.sequence = SequenceModel.load(bundle.sequence_dir, bundle.users)
+    model.pipeline = pipeline_for(bundle, model.generator, model.sequence)
     return model
 
 
@@ -323,6 +329,11 @@ class Engine:
                 f"strategy {strategy!r} needs a generator, and model {model.model_version} has "
                 "none: train with --generator, or ask for strategy cf"
             )
+        if strategy == STRATEGY_SEQUENCE and getattr(model, "sequence", None) is None:
+            raise InvalidArgument(
+                f"strategy 'sequence' needs a sequence model, and model {model.model_version} "
+                "has none: train with --sequence on ordered data, or ask for another strategy"
+            )
         return strategy
 
     async def recommend(
@@ -355,6 +366,9 @@ class Engine:
             restrict = np.unique(model.items.indices(restrict_item_ids))
             restrict = restrict[restrict >= 0]
 
+        if strategy == STRATEGY_SEQUENCE:
+            ranked = await self._rank_sequence(model, user_id, k, exclude, restrict, include_seen)
+            return self._recommendation(model, *ranked, strategy)
         use_generator = model.generator is not None and strategy != STRATEGY_CF
         items, weights, degraded, cached = await self._history(
             model, user_id, with_vector=use_generator and feedback, feedback=feedback
@@ -370,9 +384,12 @@ class Engine:
             latent = None
             if model.generator is not None and "generator" in pipeline.weights:
                 latent = await self._latent(model.generator, user_id, items, weights, cached)
+            batch = UserBatch.single(items, weights, model.n_items, latent)
+            if "sequence" in pipeline.weights:
+                await self._sequence_state_into(batch, model, user_id)
             ranked = pipeline.rank(
-                UserBatch.single(items, weights, model.n_items, latent),
-                k, include_seen, exclude[exclude >= 0] if exclude is not None else None, restrict,
+                batch, k, include_seen, exclude[exclude >= 0] if exclude is not None else None,
+                restrict,
             )  # fmt: skip
             chosen, scores, sources = ranked.items, ranked.scores, ranked.sources
             personalized = True
@@ -395,6 +412,98 @@ class Engine:
                 1.0 if strategy == STRATEGY_GENERATOR else blend_weight,
             )  # fmt: skip
             personalized = len(items) > 0
+        return self._recommendation(
+            model, chosen, scores, sources, personalized, degraded, strategy
+        )
+
+    async def _sequence_view(self, model: CFModel, user_id: str) -> tuple[Any, str]:
+        """The user's sequence view (#11) and why it is degraded: with Redis down, the
+        training tail alone."""
+        from recsvc.state import sequence as seq
+
+        if self.store_available:
+            try:
+                return await seq.read_view(self.store, model, user_id), ""
+            except StoreUnavailable as exc:
+                self._mark_store_down(exc)
+            except StoreError as exc:
+                raise self._store_failed(exc, "reading the user's state") from exc
+        tail = model.sequence.sequence(user_id, np.empty(0, np.int64))
+        view = seq.SequenceView(
+            model.training_history(user_id)[0], tail,
+            model.sequence.state(tail) if len(tail) else None, 0, True,
+        )  # fmt: skip
+        return view, f"user state store unavailable ({self.store_error}); served from the model"
+
+    async def _continue(  # type: ignore[no-untyped-def]
+        self, model, user_id, n, topic, temperature, seed, diversity, exclude_item_ids
+    ) -> Generation:
+        """Generate's continuation of the user's sequence (#11)."""
+        from recsvc.continuation import continue_sequence, topic_items
+
+        if model.sequence is None:
+            raise InvalidArgument(
+                f"continuation needs a sequence model, and model {model.model_version} has "
+                "none: train with --sequence on ordered data"
+            )
+        boosted = None
+        if topic:
+            bundle = model.bundle
+            if bundle.attributes is None:
+                raise InvalidArgument(
+                    "this model has no catalogue, so a continuation cannot be steered by "
+                    "topic: train with --catalogue FILE"
+                )
+            boosted = topic_items(bundle.attributes.ids, bundle.item_attributes, topic)
+            if not len(boosted):
+                raise InvalidArgument(f"unknown topic {topic!r}: no catalogue item has it")
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**63))
+        view, degraded = await self._sequence_view(model, user_id)
+        banned = [view.seen]
+        if exclude_item_ids:
+            excluded = model.items.indices(exclude_item_ids)
+            banned.append(excluded[excluded >= 0])
+        steps = continue_sequence(
+            model.sequence.runtime, view.sequence, n, temperature, seed, diversity,
+            np.concatenate(banned), boosted,
+        )  # fmt: skip
+        ids = model.items.ids
+        return Generation(
+            items=[
+                GeneratedView(content=[], nearest=[(ids[s.item], s.probability)],
+                              why_attributes=[], why_items=[ids[i] for i in s.why])
+                for s in steps
+            ],  # fmt: skip
+            generation_id=new_id(),
+            model_version=model.model_version,
+            seed=seed,
+            degraded_reason=degraded,
+        )
+
+    async def _sequence_state_into(self, batch: UserBatch, model: CFModel, user_id: str) -> None:
+        """The mixture's sequence member needs the user's state (#11): cached or encoded."""
+        from recsvc.ranking.sequence import STATES
+        from recsvc.state import sequence as seq
+
+        state = None
+        if self.store_available:
+            try:
+                view = await seq.read_view(self.store, model, user_id)
+                state = view.state
+                if not view.fresh:
+                    self._in_background(seq.cache_state(self.store, model, user_id, view))
+            except StoreError as exc:
+                log.info("sequence state unavailable for %s: %s", user_id, exc)
+        if state is None:
+            tail = model.sequence.sequence(user_id, np.empty(0, np.int64))
+            state = model.sequence.state(tail) if len(tail) else np.zeros(model.sequence.dim)
+        batch.cache[STATES] = np.asarray(state, dtype=np.float32)[None, :]
+
+    @staticmethod
+    def _recommendation(  # type: ignore[no-untyped-def]
+        model, chosen, scores, sources, personalized, degraded, strategy
+    ) -> Recommendation:
         ids = model.items.ids
         return Recommendation(
             item_ids=[ids[i] for i in chosen.tolist()],
@@ -406,6 +515,28 @@ class Engine:
             degraded_reason=degraded,
             strategy=strategy,
         )
+
+    async def _rank_sequence(  # type: ignore[no-untyped-def]
+        self, model, user_id, k, exclude, restrict, include_seen
+    ) -> tuple[np.ndarray, np.ndarray, list[str], bool, str]:
+        """Top-k by the sequence model (#11); a user with no sequence gets the cold-start
+        list; with Redis down, the training tail alone."""
+        from recsvc.state import sequence as seq
+
+        view, degraded = await self._sequence_view(model, user_id)
+        if not view.fresh:
+            self._in_background(seq.cache_state(self.store, model, user_id, view))
+        if view.state is None:
+            chosen, scores, sources = self._rank_cf(
+                model, view.seen, np.zeros(len(view.seen)), k, exclude, restrict, include_seen
+            )
+        else:
+            banned = [] if include_seen else [view.seen]
+            if exclude is not None:
+                banned.append(exclude[exclude >= 0])
+            chosen, scores = seq.top_k(seq.sequence_scores(model, view.state), k, banned, restrict)
+            sources = [SOURCE_SEQUENCE] * len(chosen)
+        return chosen, scores, sources, view.state is not None, degraded
 
     @staticmethod
     def _rank_cf(model, items, weights, k, exclude, restrict, include_seen):  # type: ignore[no-untyped-def]
@@ -466,9 +597,11 @@ class Engine:
         feedback: bool = True,
         context_item_ids: Sequence[str] = (),
         context_attributes: Sequence[str] = (),
+        continuation: bool = False,
     ) -> Generation:
         """``n`` generated items for a user (see :mod:`recsvc.generate`); ``model``
-        and ``feedback`` as in :meth:`recommend`."""
+        and ``feedback`` as in :meth:`recommend`; with ``continuation``, the next ``n``
+        items of their sequence (:mod:`recsvc.continuation`)."""
         self._check_id("user_id", user_id)
         if not 1 <= n <= self.settings.max_generate:
             raise InvalidArgument(f"n must be between 1 and {self.settings.max_generate}, got {n}")
@@ -485,6 +618,10 @@ class Engine:
         self._check_filter("context_item_ids", context_item_ids)
         self._check_filter("context_attributes", context_attributes)
         model = model or self.model
+        if continuation:
+            return await self._continue(
+                model, user_id, n, topic, temperature, seed, diversity, exclude_item_ids
+            )
         generator = model.generator
         if generator is None:
             raise InvalidArgument(
@@ -653,6 +790,11 @@ class Engine:
         if model.generator is not None:
             # derived data: updated after the ack; a read that finds it behind re-encodes
             self._in_background(self._update_vectors(model, stored, results))
+        if getattr(model, "sequence", None) is not None:
+            from recsvc.state.sequence import refresh_states
+
+            users = [e.user_id for e, r in zip(stored, results, strict=True) if r.applied]
+            self._in_background(refresh_states(self.store, model, users))
         return results
 
     async def _reencode_vector(self, model: CFModel, user: str) -> None:

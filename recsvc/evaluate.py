@@ -284,3 +284,65 @@ def holdout_split(
     bounds = np.concatenate([[0], np.cumsum(n_hold)])
     valid_items = [held_idx[bounds[u] : bounds[u + 1]] for u in range(n_users)]
     return train_part, valid_items
+
+
+def leave_one_out(model: object, path: str | os.PathLike[str], strategy: str, k: int = 10) -> dict:
+    """The leave-one-out protocol of the SASRec / BERT4Rec papers (#11) on an ordered log:
+    per user, the last item is the target and everything before it the input (the model is
+    given that input, whatever it was trained on); every item is ranked, the input's items
+    removed. HR@k and NDCG@k over all users of the log; a target the model does not know
+    counts as a miss. ``strategy``: "sequence" (the sequence model), "cf" (the kNN scores
+    of the input as a bag, the served CF ranking) or "blend" (the tuned mixture, its sequence
+    member reading the input in order)."""
+    from recsvc.data import IdMap, read_interactions, user_sequences
+
+    log_ = read_interactions(path)
+    if not log_.ordered:
+        raise ValueError(f"{path}: leave-one-out needs ordered interactions (see recsvc.data)")
+    items: IdMap = model.items  # type: ignore[attr-defined]
+    users = IdMap(dict.fromkeys(log_.user_ids))
+    unknown = IdMap(dict.fromkeys(i for i in log_.item_ids if i not in items))
+    # items the model lacks get indices past its catalogue: they can be targets (misses)
+    both = IdMap([*items.ids, *unknown.ids])
+    seqs = [s for s in user_sequences(log_, users, both) if len(s) >= 2]
+    n_items = len(items)
+    inputs = [s[:-1][s[:-1] < n_items] for s in seqs]
+    targets = [np.array([s[-1]]) if s[-1] < n_items else np.empty(0, np.int64) for s in seqs]
+    history = items_to_csr(inputs, len(inputs), n_items)
+    if strategy == "sequence":
+        from generators.sequence import encode_batch
+
+        runtime = model.sequence.runtime  # type: ignore[attr-defined]
+
+        def scores(users_: np.ndarray) -> np.ndarray:
+            states = encode_batch(runtime.model, [inputs[u] for u in users_])
+            return runtime.scores(states).astype(np.float32)  # type: ignore[no-any-return]
+    elif strategy == "cf":
+        def scores(users_: np.ndarray) -> np.ndarray:
+            return model.score_users(history[users_])  # type: ignore[attr-defined,no-any-return]
+    elif strategy == "blend" and model.pipeline is not None:  # type: ignore[attr-defined]
+        from recsvc.ranking import UserBatch
+        from recsvc.ranking.sequence import STATES
+
+        def scores(users_: np.ndarray) -> np.ndarray:
+            batch = UserBatch(history[users_])
+            if model.sequence is not None:  # type: ignore[attr-defined]
+                from generators.sequence import encode_batch
+
+                runtime = model.sequence.runtime  # type: ignore[attr-defined]
+                batch.cache[STATES] = encode_batch(runtime.model, [inputs[u] for u in users_])
+            return model.pipeline.dense_scores(batch)  # type: ignore[attr-defined,no-any-return]
+    else:
+        raise ValueError(
+            f"leave-one-out strategy must be sequence, cf or blend (a bundle with a mixture), "
+            f"got {strategy!r}"
+        )
+    found = ranking_metrics(scores, history, targets, k=k, batch_users=256)
+    n = len(seqs)  # over all users: users whose target the model lacks count as misses
+    scale = found["n_users"] / n if n else float("nan")
+    return {
+        f"hr@{k}": found["recall"] * scale,
+        f"ndcg@{k}": found["ndcg"] * scale,
+        "users": n,
+        "targets_unknown_to_model": n - int(found["n_users"]),
+    }

@@ -263,6 +263,7 @@ class CFModel:
         self.params = bundle.params
         self.generator: Any = None  # a recsvc.generate.GeneratorModel, set by the loader
         self.pipeline: Any = None  # a recsvc.ranking.RankingPipeline, set by the loader
+        self.sequence: Any = None  # a recsvc.sequence.SequenceModel, set by the loader (#11)
         self.popularity = bundle.popularity.astype(np.float64)
         self.popularity_order = np.argsort(-self.popularity, kind="stable")
         self._popularity_tie_break = (

@@ -44,6 +44,7 @@ def fit_mixture(
     rank_max: int = 512,
     n_users: int = 6000,
     seed: int = 0,
+    sequence: Any = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """The manifest's ``mixture`` entry and the item factors to serve (or None).
 
@@ -59,7 +60,7 @@ def fit_mixture(
     choice = tune_mixture(
         knn, popularity, fit_part, valid, factors, ranks,
         GeneratorScorer(generator) if generator is not None else None,
-        n_users=n_users, seed=seed,
+        n_users=n_users, seed=seed, sequence=sequence,
     )  # fmt: skip
     served_factors = None
     if choice.rank is not None:
@@ -143,6 +144,12 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
     # one validation split, carved from the training data, for every choice made here
     fit_part, valid = holdout_split(user_items, args.valid_fraction, seed=args.seed)
+    sequence = sequence_params = sequence_scorer = None
+    if getattr(args, "sequence", False):  # #11: ordered data; validation = each last item
+        from recsvc.sequence import last_item_split, train_sequence
+
+        fit_part, valid, inputs = last_item_split(user_items, interactions, users, items)
+        sequence, sequence_params, sequence_scorer = train_sequence(args, inputs, valid, len(items))
     knn_params, knn_search = choose_knn(args, fit_part, valid)
     fit_started = time.perf_counter()
     similarity, similarity_params = fit_similarity(args, user_items, show, knn_params)
@@ -163,7 +170,7 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     mixture, item_factors = fit_mixture(
         user_items, fit_part, valid, lambda part: fit_similarity(args, part, False, knn_params)[0],
         generator=_runtime_generator(generator), rank_max=args.lowrank_rank,
-        n_users=args.mixture_users, seed=args.seed,
+        n_users=args.mixture_users, seed=args.seed, sequence=sequence_scorer,
     )  # fmt: skip
     bundle = CFBundle(
         users=users,
@@ -184,12 +191,14 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             "catalogue": str(args.catalogue) if args.catalogue else None,
             "generator": generator_params,
             "generate": generate_params,
+            "sequence": sequence_params,
             "mixture": mixture,
         },
         attributes=attributes,
         item_attributes=item_attributes,
         generator=generator,
         item_factors=item_factors,
+        sequence=sequence,
     )
     out = save_bundle(bundle, args.out, overwrite=args.force)
     log.info(

@@ -24,9 +24,11 @@ from recsvc.engine import (
     SOURCE_CF,
     SOURCE_GENERATOR,
     SOURCE_POPULARITY,
+    SOURCE_SEQUENCE,
     STRATEGY_BLEND,
     STRATEGY_CF,
     STRATEGY_GENERATOR,
+    STRATEGY_SEQUENCE,
     Engine,
 )
 from recsvc.errors import InvalidArgument, RecsvcError
@@ -42,12 +44,14 @@ SOURCES = {
     SOURCE_CF: pb.SOURCE_CF,
     SOURCE_POPULARITY: pb.SOURCE_POPULARITY,
     SOURCE_GENERATOR: pb.SOURCE_GENERATOR,
+    SOURCE_SEQUENCE: pb.SOURCE_SEQUENCE,
 }
 STRATEGIES = {
     pb.STRATEGY_UNSPECIFIED: "",
     pb.STRATEGY_CF: STRATEGY_CF,
     pb.STRATEGY_GENERATOR: STRATEGY_GENERATOR,
     pb.STRATEGY_BLEND: STRATEGY_BLEND,
+    pb.STRATEGY_SEQUENCE: STRATEGY_SEQUENCE,
 }
 EVENT_TYPES = {v.number: v.name.lower() for v in pb.EventType.DESCRIPTOR.values if v.number}
 
@@ -212,14 +216,16 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             exclude_item_ids=request.exclude_item_ids,
             context_item_ids=request.context_item_ids,
             context_attributes=request.context_attributes,
+            continuation=request.continuation,
         )
         generation = served.result
+        source = pb.SOURCE_SEQUENCE if request.continuation else pb.SOURCE_GENERATOR
         return pb.GenerateResponse(
             items=[
                 pb.GeneratedItem(
                     content=[pb.Attribute(name=a, weight=w) for a, w in item.content],
                     nearest_items=[
-                        pb.ScoredItem(item_id=i, score=s, source=pb.SOURCE_GENERATOR)
+                        pb.ScoredItem(item_id=i, score=s, source=source)
                         for i, s in item.nearest
                     ],
                     why_attributes=item.why_attributes,

@@ -12,7 +12,9 @@ from recsvc.ranking.pipeline import N_CANDIDATES, N_POPULAR, RankingPipeline
 from recsvc.ranking.popularity import PopularityScorer
 
 
-def pipeline_for(bundle: Any, generator: Any = None) -> RankingPipeline | None:
+def pipeline_for(
+    bundle: Any, generator: Any = None, sequence: Any = None
+) -> RankingPipeline | None:
     """The tuned mixture of a :class:`~recsvc.bundle.CFBundle` (None for bundles
     trained before it existed: they serve the older blend)."""
     mixture = bundle.params.get("mixture")
@@ -31,6 +33,10 @@ def pipeline_for(bundle: Any, generator: Any = None) -> RankingPipeline | None:
         scorers.append(GeneratorScorer(generator))
     elif weights.get("generator", 0) > 0:
         raise ValueError("the mixture weighs the generator but the bundle has none")
+    if sequence is not None:  # #11: a recsvc.sequence.SequenceModel
+        scorers.append(sequence.scorer())
+    elif weights.get("sequence", 0) > 0:
+        raise ValueError("the mixture weighs the sequence model but the bundle has none")
     return RankingPipeline(
         knn, popularity, scorers, weights,
         n_candidates=int(mixture.get("n_candidates", N_CANDIDATES)),

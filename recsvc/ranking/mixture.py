@@ -37,6 +37,7 @@ GENERATOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 CANDIDATE_COUNTS = (100, 150, 200)
 CANDIDATE_TOLERANCE = 0.002
 POPULARITY_WEIGHTS = (0.0, 0.02, 0.1)
+SEQUENCE_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # #11: up to "the sequence alone"
 
 
 @dataclass
@@ -76,6 +77,7 @@ def tune_mixture(
     seed: int = 0,
     n_candidates: int = N_CANDIDATES,
     n_popular: int = N_POPULAR,
+    sequence: Scorer | None = None,
 ) -> MixtureChoice:
     """The weights (kNN fixed at 1) and rank that maximise NDCG@k on ``valid``,
     with every scorer fitted on ``fit_part`` alone."""
@@ -95,11 +97,14 @@ def tune_mixture(
     for start in range(0, len(users), 1024):
         chunk = users[start : start + 1024]
         batch = UserBatch(fit_part[chunk])
+        batch.cache["users"] = chunk  # rows, for scorers that keep per-user data (sequence)
         candidates, usable = base.candidates(batch)
         scorers: list[tuple[str, Scorer]] = [("knn", knn), ("popularity", popularity)]
         scorers += [(f"lowrank@{r}", s) for r, s in lowranks.items()]
         if generator is not None:
             scorers.append(("generator", generator))
+        if sequence is not None:
+            scorers.append(("sequence", sequence))
         for name, scorer in scorers:
             raw_scores = scorer.score(batch, candidates)
             raw.setdefault(name, []).append(raw_scores)
@@ -133,8 +138,9 @@ def tune_mixture(
     rank_options: list[int | None] = list(lowranks) or [None]
     lowrank_weights = LOWRANK_WEIGHTS if lowranks else (0.0,)
     generator_weights = GENERATOR_WEIGHTS if generator is not None else (0.0,)
-    for rank, w_low, w_gen, w_pop in itertools.product(
-        rank_options, lowrank_weights, generator_weights, POPULARITY_WEIGHTS
+    sequence_weights = SEQUENCE_WEIGHTS if sequence is not None else (0.0,)
+    for rank, w_low, w_gen, w_pop, w_seq in itertools.product(
+        rank_options, lowrank_weights, generator_weights, POPULARITY_WEIGHTS, sequence_weights
     ):
         if w_low == 0 and rank != rank_options[0]:
             continue  # the rank does not matter without the term
@@ -143,6 +149,8 @@ def tune_mixture(
             weights[f"lowrank@{rank}"] = w_low
         if generator is not None:
             weights["generator"] = w_gen
+        if sequence is not None:
+            weights["sequence"] = w_seq
         results.append((evaluate(weights), rank, weights))
     results.sort(key=lambda r: -r[0]["ndcg"])
     best_metrics, best_rank, best_weights = results[0]

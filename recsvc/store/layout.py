@@ -6,7 +6,10 @@ prefix ``recsvc:v1:``. Per user ``{u}`` (the external user id, verbatim):
 * ``recsvc:v1:user:{u}:hist``   HASH  item id -> summed feedback weight (float text)
 * ``recsvc:v1:user:{u}:recent`` ZSET  item id -> last event time (ms); caps the history
 * ``recsvc:v1:user:{u}:events`` ZSET  event id -> receive time (ms); idempotency window
-* ``recsvc:v1:user:{u}:meta``   HASH  ``updated_ms``, ``events`` (count)
+* ``recsvc:v1:user:{u}:meta``   HASH  ``updated_ms``, ``events`` (count); the cached
+  generator state ``vec``/``vec_events``/``vec_model`` and (#11) the cached sequence
+  state ``seq``/``seq_events``/``seq_model`` (:data:`SEQUENCE_STATE`). The sequence
+  model reads the user's items in event order from ``recent``.
 
 and one stream ``recsvc:v1:feedback``: the durable feedback log.
 
@@ -135,6 +138,19 @@ if tonumber(redis.call('HGET', KEYS[1], 'events') or '0') ~= tonumber(ARGV[1]) t
   return 0
 end
 redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'vec_events', ARGV[1], 'vec_model', ARGV[3])
+return 1
+"""
+
+# #11: the meta fields of the cached sequence state, and a compare-and-set that
+# stores any such cached state. KEYS[1]: meta. ARGV: events (the count the state
+# reflects), blob, model version, field name (the others are name_events, name_model).
+SEQUENCE_STATE = ("seq", "seq_events", "events", "seq_model")
+PUT_STATE_LUA = """
+if tonumber(redis.call('HGET', KEYS[1], 'events') or '0') ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[2], ARGV[4] .. '_events', ARGV[1],
+           ARGV[4] .. '_model', ARGV[3])
 return 1
 """
 

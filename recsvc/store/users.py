@@ -20,8 +20,10 @@ from recsvc.store.layout import (
     APPLY_EVENTS_LUA,
     FEEDBACK_STREAM,
     PREFIX,
+    PUT_STATE_LUA,
     PUT_VECTOR_LUA,
     SCRIPT_CHUNK,
+    SEQUENCE_STATE,
     USER_PREFIX,
     user_keys,
 )
@@ -77,6 +79,25 @@ class CachedVector:
             and self.vector_events == self.events
             and self.model == model_version
         )
+
+
+@dataclass
+class SequenceRead:
+    """What the sequence model reads for one user: the feedback history (item ids and
+    summed weights, as :meth:`UserStore.get_history`), the items of positive weight in
+    event-time order, and the cached sequence state."""
+
+    items: list[str]
+    weights: np.ndarray
+    ordered: list[str]
+    cached: CachedVector
+
+
+def _parse_sequence(has_cutoff: bool, replies: list[Any]) -> tuple[SequenceRead, int]:
+    (items, weights, cached), size = _parse_history(has_cutoff, True, replies)
+    positive = {item for item, w in zip(items, weights.tolist(), strict=True) if w > 0}
+    ordered = [i for i in (raw.decode() for raw in replies[1]) if i in positive]
+    return SequenceRead(items, weights, ordered, cached), size + len(ordered)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -140,6 +161,7 @@ class UserStore:
         self.stream_maxlen = stream_maxlen
         self._script_sha = hashlib.sha1(APPLY_EVENTS_LUA.encode()).hexdigest()
         self._put_sha = hashlib.sha1(PUT_VECTOR_LUA.encode()).hexdigest()
+        self._put_state = client.register_script(PUT_STATE_LUA)  # reloads itself on NOSCRIPT
         self._fences: Coalescer[None, None] = Coalescer(self._send_fence)
         self.fences = 0  # fence PINGs sent
 
@@ -189,6 +211,27 @@ class UserStore:
             commands.append(("HMGET", meta, "vec", "vec_events", "events", "vec_model"))
         parse = functools.partial(_parse_history, since_ms > 0, with_vector)
         return await self.cache.get(user_id, (since_ms, with_vector), commands, parse)  # type: ignore[no-any-return]
+
+    @store_errors
+    async def get_sequence(self, user_id: str, since_ms: int = 0) -> SequenceRead:
+        """The user's history, their items in event order (events after ``since_ms``) and
+        cached sequence state, in one round trip (none when the state cache has it)."""
+        hist, recent, _, meta = user_keys(user_id)
+        commands: list[tuple[str, ...]] = [
+            ("HGETALL", hist),
+            ("ZRANGEBYSCORE", recent, f"({since_ms}" if since_ms > 0 else "-inf", "+inf"),
+            ("HMGET", meta, *SEQUENCE_STATE),
+        ]
+        parse = functools.partial(_parse_sequence, since_ms > 0)
+        return await self.cache.get(user_id, ("seq", since_ms), commands, parse)  # type: ignore[no-any-return]
+
+    @store_errors
+    async def put_sequence_state(self, user_id: str, events: int, blob: bytes, model: str) -> bool:
+        """Cache a sequence state computed after ``events`` events; refused (False) if more
+        events arrived meanwhile."""
+        self.cache.invalidate(user_id)
+        args = (user_keys(user_id)[3], events, blob, model, SEQUENCE_STATE[0])
+        return bool(await self._put_state(keys=args[:1], args=args[1:]))
 
     @store_errors
     async def get_vectors(self, user_ids: Sequence[str]) -> list[CachedVector]:
