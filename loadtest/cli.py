@@ -27,7 +27,8 @@ def _add_common(p: argparse.ArgumentParser, ids: bool = True) -> None:
         "--target",
         required=True,
         metavar="HOST:PORT",
-        help="the server (loopback only, unless --allow-remote)",
+        help="the server, or several comma-separated (calls spread over them; freshness "
+        "sends feedback to one and reads from the next) (loopback only, unless --allow-remote)",
     )
     p.add_argument(
         "--allow-remote",

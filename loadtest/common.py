@@ -59,10 +59,13 @@ def split_target(target: str) -> tuple[str, int]:
 
 
 def check_target(target: str, allow_remote: bool = False) -> str:
-    """Validate HOST:PORT; unless allow_remote, HOST must be loopback (127.0.0.0/8, ::1).
+    """Validate HOST:PORT, or several comma-separated (calls are spread over them);
+    unless allow_remote, each HOST must be loopback (127.0.0.0/8, ::1).
 
-    Returns the gRPC target string.
+    Returns the gRPC target string (comma-separated for several).
     """
+    if "," in target:
+        return ",".join(check_target(t, allow_remote) for t in target.split(",") if t.strip())
     host, port = split_target(target)
     if not allow_remote:
         try:
@@ -161,8 +164,12 @@ async def open_channels(
     target: str, n: int, connect_timeout: float = 5.0
 ) -> tuple[list[grpc.aio.Channel], list[pb_grpc.RecommenderStub]]:
     """n channels (n TCP connections) to target, all connected, and a stub on each
-    (TLS and a bearer token as :func:`configure_channels` set them)."""
-    channels = [_new_channel(target) for _ in range(n)]
+    (TLS and a bearer token as :func:`configure_channels` set them). With several
+    comma-separated targets (#12), channel i goes to target i mod their number (n is
+    rounded up to a multiple of it): calls spread over the targets."""
+    targets = target.split(",")
+    n = -(-max(n, 1) // len(targets)) * len(targets)
+    channels = [_new_channel(targets[i % len(targets)]) for i in range(n)]
     try:
         await asyncio.wait_for(
             asyncio.gather(*(ch.channel_ready() for ch in channels)), connect_timeout

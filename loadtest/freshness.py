@@ -127,7 +127,7 @@ class FreshnessRun:
         self.poll_hist.record_value(to_us(time.perf_counter() - t))
         return resp
 
-    async def _sample(self, stub) -> None:
+    async def _sample(self, stub, feedback_stub) -> None:
         cfg = self.cfg
         pc = time.perf_counter
         user = f"{cfg.user_prefix}{uuid.uuid4()}"
@@ -149,7 +149,9 @@ class FreshnessRun:
                 return
             ev = self.factory.event(user_id=user, item_id=item, type_=pb.PURCHASE)
             t0 = pc()
-            await stub.SendFeedback(pb.SendFeedbackRequest(events=[ev]), timeout=cfg.rpc_timeout)
+            await feedback_stub.SendFeedback(
+                pb.SendFeedbackRequest(events=[ev]), timeout=cfg.rpc_timeout
+            )
             t_ack = pc()
             self.ack_hist.record_value(to_us(t_ack - t0))
             out["ack_ms"] = round((t_ack - t0) * 1000, 3)
@@ -192,14 +194,14 @@ class FreshnessRun:
             self.c["done"] += 1
             self.samples.append(out)
 
-    async def _worker(self, stub) -> None:
+    async def _worker(self, stub, feedback_stub) -> None:
         t_stop = self.t_start + self.cfg.max_time
         while not self.stop.is_set() and self._next < self.cfg.samples:
             if time.perf_counter() >= t_stop:
                 self.c["skipped_max_time"] = self.cfg.samples - self._next
                 break
             self._next += 1
-            await self._sample(stub)
+            await self._sample(stub, feedback_stub)
 
     def _tick(self, now: float, final: bool = False) -> None:
         if final:
@@ -220,7 +222,10 @@ class FreshnessRun:
     async def run(self) -> dict:
         cfg = self.cfg
         n_ch = max(1, min(cfg.concurrency, 4))
+        # several targets (instances of one service): feedback goes to one, the
+        # Recommend calls to the next, so freshness is measured across instances
         channels, stubs = await open_channels(cfg.target, n_ch)
+        cross = 1 if "," in cfg.target else 0
         started_at = now_iso()
         start_unix = time.time()
         cpu = CpuMeter()
@@ -229,7 +234,10 @@ class FreshnessRun:
             self.rec = Recorder([KIND], self.t_start)
             t_done = await run_ticking(
                 asyncio.gather(
-                    *(self._worker(stubs[w % len(stubs)]) for w in range(cfg.concurrency))
+                    *(
+                        self._worker(stubs[w % len(stubs)], stubs[(w + cross) % len(stubs)])
+                        for w in range(cfg.concurrency)
+                    )
                 ),
                 self.t_start,
                 self._tick,

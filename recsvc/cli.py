@@ -1,4 +1,5 @@
-"""``recsvc train | serve | eval | export-feedback``: flags, settings, construct, run.
+"""``recsvc train | serve | eval | export-feedback | report | migrate``: flags, settings,
+construct, run.
 
 Nothing else lives here."""
 
@@ -63,6 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("auth_tokens_file", args.auth_tokens),
             ("max_in_flight", args.max_in_flight),
             ("max_pending_calls", args.max_pending_calls),
+            ("redis_cluster", args.redis_cluster),
+            ("redis_wait_replicas", args.redis_wait_replicas),
         )
         if value is not None
     }
@@ -74,68 +77,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _redis_client(redis_url: str | None, data_dir: Path | None):  # type: ignore[no-untyped-def]
-    """A client of ``redis_url``, or of the server's embedded Redis in ``data_dir``:
-    the running one, else one started on its data for the duration."""
-    import redis
+def _tool_redis(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The deployment's Redis for a tool command (see ``store.tool_client``)."""
+    from recsvc.store import tool_client
 
-    from recsvc.store import EmbeddedRedis
-
-    overrides: dict[str, Any] = {"redis_url": redis_url} if redis_url else {}
-    settings = Settings(**overrides)
-    embedded = None
-    url = settings.redis_url
-    if not url:  # the server's embedded Redis: use it if running, else start it on its data
-        embedded = EmbeddedRedis(data_dir or settings.data_dir)
-        try:
-            with redis.Redis.from_url(embedded.url, socket_timeout=1) as probe:
-                probe.ping()
-            url, embedded = embedded.url, None
-        except (redis.RedisError, OSError):
-            url = embedded.start().url
-    try:
-        with redis.Redis.from_url(url) as client:
-            yield client
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    overrides: dict[str, object] = {"redis_url": args.redis_url} if args.redis_url else {}
+    if args.redis_cluster:
+        overrides["redis_cluster"] = True
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    data_dir = args.data_dir or settings.data_dir
+    return tool_client(settings.redis_url, settings.redis_cluster, data_dir)
 
 
 def cmd_export_feedback(args: argparse.Namespace) -> int:
     from recsvc.store import export_feedback
 
-    with _redis_client(args.redis_url, args.data_dir) as client:
+    with _tool_redis(args) as client:
         rows, last = export_feedback(client, args.out, trim=not args.no_trim)
     log.info("exported %d feedback events to %s (last entry %s)", rows, args.out, last)
     print(json.dumps({"rows": rows, "last_entry_id": last, "out": str(args.out)}))
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    """(#13) Per-variant CTR and conversions from the impression and feedback logs."""
-    import itertools
+# -- #12: format v1 -> v2 --------------------------------------------------------------
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from recsvc.store import migrate_v1
 
-    from recsvc.online.attribution import attribute
-    from recsvc.online.impressions import Impression
-    from recsvc.online.report import plot, read_feedback_csv, summarise, table
-    from recsvc.store.impressions import read_feedback_log, read_impressions
-
-    overrides: dict[str, Any] = {"attribution_window_s": args.window_s} if args.window_s else {}
-    window_s = Settings(**overrides).attribution_window_s  # the flag, else RECSVC_*, else 1 day
-    since_ms = int((time.time() - args.since_hours * 3600) * 1000) if args.since_hours else 0
-    with _redis_client(args.redis_url, args.data_dir) as client:
-        impressions = (Impression.from_json(f) for f in read_impressions(client, since_ms))
-        events = itertools.chain(read_feedback_log(client, since_ms),
-                                 read_feedback_csv(args.feedback or ()))  # fmt: skip
-        result = attribute(
-            impressions, events, window_s * 1000, int(args.bucket_s * 1000),
-            frozenset(args.click_types.split(",")), frozenset(args.conversion_types.split(",")),
-        )  # fmt: skip
-    summary = summarise(result, args.control)
-    print(json.dumps(summary, indent=1) if args.json else table(summary))
-    if args.plot:
-        plot(summary, args.plot)
+    with _tool_redis(args) as client:
+        report = migrate_v1(client)
+    log.info("migrated format v1 to v2", extra=report.as_dict())
+    print(json.dumps(report.as_dict()))
     return 0
 
 
@@ -396,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="calls gRPC's core may hold before the server takes them; beyond it core "
         "refuses new ones as CANCELLED (0: core's default) [RECSVC_MAX_PENDING_CALLS=0]",
     )
+    serve.add_argument(
+        "--redis-cluster", action="store_true", default=None,
+        help="--redis-url is a Redis Cluster node [RECSVC_REDIS_CLUSTER=0]",
+    )  # fmt: skip
+    serve.add_argument(
+        "--redis-wait-replicas", type=int,
+        help="ack feedback once this many replicas have it [RECSVC_REDIS_WAIT_REPLICAS=0]",
+    )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser(
@@ -440,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep exported entries in the stream (default: trim them)",
     )
+    export.add_argument(
+        "--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node"
+    )
     export.set_defaults(func=cmd_export_feedback)
 
     # (#13) online metrics
@@ -465,7 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument("--plot", type=Path, help="write CTR over time per variant to this PNG")
+    report.add_argument(
+        "--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node"
+    )
     report.set_defaults(func=cmd_report)
+
+    # #12: format v1 -> v2
+    migrate = sub.add_parser(
+        "migrate", help="move format v1 user state and feedback log to format v2"
+    )
+    migrate.add_argument("--redis-url", help="Redis URL; unset: the embedded Redis of --data-dir")
+    migrate.add_argument("--data-dir", type=Path, help="embedded Redis data directory")
+    migrate.add_argument(
+        "--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node"
+    )
+    migrate.set_defaults(func=cmd_migrate)
     return parser
 
 

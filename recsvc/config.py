@@ -71,6 +71,18 @@ class Settings(BaseSettings):
         description="per-process cache of users' generator latents (0: off); exact, keyed by "
         "generator version and the user's event count",
     )
+    # Redis Cluster and replicated acks (#12)
+    redis_cluster: bool = Field(
+        False, description="--redis-url names a Redis Cluster node: use the cluster client"
+    )
+    redis_wait_replicas: int = Field(
+        0, ge=0, description="acknowledge feedback only once this many replicas have it (WAIT)"
+    )
+    redis_wait_timeout_ms: int = Field(
+        250, ge=1,
+        description="how long WAIT may take before the write counts as failed "
+        "(below the Redis socket timeout)",
+    )  # fmt: skip
     health_interval_s: float = Field(1.0, gt=0, description="Redis health probe period")
     model_watch_s: float = Field(
         5.0, ge=0, description="poll the model directory for a new bundle this often (0: off)"
@@ -197,6 +209,15 @@ class Settings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return self
+
+    @model_validator(mode="after")
+    def _wait_within_socket_timeout(self) -> Settings:  # (#12)
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.redis_timeout_s * 1000:
+            raise ValueError(
+                f"redis_wait_timeout_ms ({self.redis_wait_timeout_ms}) must be below the "
+                f"Redis socket timeout ({self.redis_timeout_s * 1000:g} ms)"
+            )
         return self
 
     @field_validator("event_weights")

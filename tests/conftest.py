@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from cluster import LocalCluster
 
 from recsvc.api.server import RecsvcServer
 from recsvc.bundle import CFBundle, save_bundle
@@ -167,3 +168,28 @@ def generator_model_dir(tmp_path_factory: pytest.TempPathFactory, clustered_csv:
     ])  # fmt: skip
     assert code == 0
     return out
+
+
+# -- #12: a real Redis Cluster (3 primaries, 3 replicas) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalCluster) -> str:
+    """The shared test cluster, flushed for each test."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture(params=["single", "cluster"])
+def any_redis(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(url, is a cluster): each test runs on the embedded Redis and on the cluster."""
+    if request.param == "single":
+        return request.getfixturevalue("redis_url"), False
+    return request.getfixturevalue("cluster_url"), True

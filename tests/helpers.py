@@ -46,3 +46,19 @@ def alive(pid):
     except ProcessLookupError:
         return False
     return True
+
+
+def log_entries(client):
+    """Every feedback log entry (all shards), oldest first: [(entry id, fields)]."""
+    from recsvc.store import feedback_streams
+
+    with client.pipeline(transaction=False) as pipe:
+        for stream in feedback_streams():
+            pipe.xrange(stream)
+        shards = pipe.execute()
+    entries = [entry for shard in shards for entry in shard]
+    return sorted(entries, key=lambda e: tuple(map(int, e[0].split(b"-"))))
+
+
+def log_length(client):
+    return len(log_entries(client))

@@ -127,7 +127,12 @@ class RecsvcServer:
             dedup_window=settings.dedup_window,
             ttl_s=settings.user_ttl_s,
             stream_maxlen=settings.stream_maxlen,
+            cluster=settings.redis_cluster,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
         )
+        if await store.has_v1_data():  # (#12)
+            log.warning("redis holds format v1 user state: run `recsvc migrate` to use it")
         self.engine = Engine(model, store, settings)
         online = self._online(model, store)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import redis
 
-from recsvc.store.layout import FEEDBACK_STREAM
+from recsvc.store.layout import feedback_streams
 
 TRAINER_GROUP = "trainer"
 EXPORT_COLUMNS = [
@@ -22,7 +22,7 @@ def _next_stream_id(entry_id: str) -> str:
 
 
 def export_feedback(
-    client: redis.Redis,
+    client: redis.Redis | redis.RedisCluster,
     out: Path,
     consumer: str = "export",
     batch: int = 10_000,
@@ -30,53 +30,69 @@ def export_feedback(
 ) -> tuple[int, str | None]:
     """Write the feedback log not yet exported to ``out`` (CSV ``recsvc train`` reads).
 
-    Reads through the consumer group ``trainer``: entries left pending by an
-    export that crashed (ours or another consumer's, via XAUTOCLAIM) come
-    first, then new ones. The file is fsynced and renamed into place before the
-    entries are acknowledged, so an entry is never acknowledged without being on
-    disk; a crash in between exports it again, and training counts a repeated
-    ``event_id`` once. With ``trim``, acknowledged entries are then removed
-    from the stream (its retention). Returns (rows written, last entry id).
+    Reads every shard's stream (those that exist) through its consumer group
+    ``trainer``: entries left pending by an export that crashed (ours or
+    another consumer's, via XAUTOCLAIM) come first, then new ones. The file is
+    fsynced and renamed into place before any entry is acknowledged, so an
+    entry is never acknowledged without being on disk; a crash in between
+    exports it again, and training counts a repeated ``event_id`` once. With
+    ``trim``, each shard's acknowledged entries are then removed from its stream
+    (its retention). Returns (rows written, the newest entry id written).
     """
-    try:
-        client.xgroup_create(FEEDBACK_STREAM, TRAINER_GROUP, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    streams = feedback_streams()
+    with client.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.exists(stream)
+        streams = [s for s, exists in zip(streams, pipe.execute(), strict=True) if exists]
+    for stream in streams:
+        try:
+            client.xgroup_create(stream, TRAINER_GROUP, id="0")
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
     tmp = out.with_name(out.name + ".tmp")
-    entry_ids: list[bytes] = []
+    entry_ids: dict[str, list[bytes]] = {}
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(EXPORT_COLUMNS)
-        for entry_id, fields in _unexported_entries(client, consumer, batch):
-            entry_ids.append(entry_id)
-            writer.writerow(
-                [fields.get(k.encode(), b"").decode() for k in
-                 ("user_id", "item_id", "type", "value", "ts_ms", "event_id", "recommendation_id")]
-            )  # fmt: skip
+        for stream in streams:
+            ids = entry_ids[stream] = []
+            for entry_id, fields in _unexported_entries(client, stream, consumer, batch):
+                ids.append(entry_id)
+                writer.writerow(
+                    [fields.get(k.encode(), b"").decode() for k in
+                     ("user_id", "item_id", "type", "value", "ts_ms", "event_id",
+                      "recommendation_id")]
+                )  # fmt: skip
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
-    for start in range(0, len(entry_ids), batch):
-        client.xack(FEEDBACK_STREAM, TRAINER_GROUP, *entry_ids[start : start + batch])
-    last = (
-        max(entry_ids, key=lambda e: tuple(map(int, e.split(b"-")))).decode() if entry_ids else None
-    )
-    if (
-        trim
-        and last is not None
-        and client.xpending(FEEDBACK_STREAM, TRAINER_GROUP)["pending"] == 0
-    ):
-        client.xtrim(FEEDBACK_STREAM, minid=_next_stream_id(last), approximate=False)
-    return len(entry_ids), last
+    newest: str | None = None
+    rows = 0
+    for stream, ids in entry_ids.items():
+        if not ids:
+            continue
+        rows += len(ids)
+        for start in range(0, len(ids), batch):
+            client.xack(stream, TRAINER_GROUP, *ids[start : start + batch])
+        last = max(ids, key=_entry_order).decode()
+        if newest is None or _entry_order(last.encode()) > _entry_order(newest.encode()):
+            newest = last
+        if trim and client.xpending(stream, TRAINER_GROUP)["pending"] == 0:
+            client.xtrim(stream, minid=_next_stream_id(last), approximate=False)
+    return rows, newest
 
 
-def _unexported_entries(client: redis.Redis, consumer: str, batch: int):  # type: ignore[no-untyped-def]
+def _entry_order(entry_id: bytes) -> tuple[int, ...]:
+    return tuple(map(int, entry_id.split(b"-")))
+
+
+def _unexported_entries(client, stream: str, consumer: str, batch: int):  # type: ignore[no-untyped-def]
     cursor: str | bytes = "0-0"
     while True:  # claim what other consumers left pending; read below as our own
         # (not JUSTID: redis-py then drops the cursor from the reply)
         cursor, *_ = client.xautoclaim(
-            FEEDBACK_STREAM, TRAINER_GROUP, consumer, min_idle_time=0, start_id=cursor, count=batch
+            stream, TRAINER_GROUP, consumer, min_idle_time=0, start_id=cursor, count=batch
         )
         if cursor in (b"0-0", "0-0"):
             break
@@ -84,7 +100,7 @@ def _unexported_entries(client: redis.Redis, consumer: str, batch: int):  # type
         cursor = start
         while True:
             reply = client.xreadgroup(
-                TRAINER_GROUP, consumer, {FEEDBACK_STREAM: cursor}, count=batch
+                TRAINER_GROUP, consumer, {stream: cursor}, count=batch
             )
             entries = [e for e in (reply[0][1] if reply else []) if e[1]]
             if not entries:

@@ -7,6 +7,7 @@ online package decides what goes in it.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,10 +18,10 @@ from redis.exceptions import NoScriptError
 from recsvc.store.errors import store_errors
 from recsvc.store.layout import (
     APPEND_IMPRESSIONS_LUA,
-    FEEDBACK_STREAM,
     IMPRESSION_CHUNK,
     IMPRESSION_FIELD,
     IMPRESSION_STREAM,
+    feedback_streams,
 )
 
 
@@ -60,11 +61,20 @@ def _read_stream(
     client: redis.Redis, key: str, since_ms: int, batch: int
 ) -> Iterator[dict[str, str]]:
     """A stream's entries (field -> value, decoded) from ``since_ms`` on, oldest first."""
+    for _, fields in _read_entries(client, key, since_ms, batch):
+        yield fields
+
+
+def _read_entries(
+    client: redis.Redis, key: str, since_ms: int, batch: int
+) -> Iterator[tuple[tuple[int, int], dict[str, str]]]:
+    """(entry id as (ms, seq), fields) of a stream from ``since_ms`` on, oldest first."""
     start = f"{since_ms}-0" if since_ms > 0 else "-"
     while True:
         entries: Any = client.xrange(key, min=start, max="+", count=batch)
-        for _, fields in entries:
-            yield {k.decode(): v.decode() for k, v in fields.items()}
+        for entry_id, fields in entries:
+            ms, _, seq = entry_id.decode().partition("-")
+            yield (int(ms), int(seq)), {k.decode(): v.decode() for k, v in fields.items()}
         if len(entries) < batch:
             return
         start = "(" + entries[-1][0].decode()
@@ -81,5 +91,11 @@ def read_feedback_log(
     client: redis.Redis, since_ms: int = 0, batch: int = 10_000
 ) -> Iterator[dict[str, str]]:
     """The feedback events still in the log (not yet trimmed by an export), oldest
-    first, with the fields ``APPLY_EVENTS_LUA`` writes (type, ts_ms, recommendation_id...)."""
-    return _read_stream(client, FEEDBACK_STREAM, since_ms, batch)
+    first, with the fields ``APPLY_EVENTS_LUA`` writes (type, ts_ms, recommendation_id...).
+    (#12) The log is sharded: the shards' entries are merged by entry id."""
+    with client.pipeline(transaction=False) as pipe:
+        for stream in feedback_streams():
+            pipe.exists(stream)
+        present = [s for s, n in zip(feedback_streams(), pipe.execute(), strict=True) if n]
+    shards = [_read_entries(client, stream, since_ms, batch) for stream in present]
+    return (fields for _, fields in heapq.merge(*shards, key=lambda entry: entry[0]))

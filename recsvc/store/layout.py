@@ -1,19 +1,24 @@
-"""The Redis key layout and the scripts that write it (format v1, ``docs/redis-format.md``).
+"""The Redis key layout and the scripts that write it (format v2, ``docs/redis-format.md``).
 
 This module is the only place that builds keys. All keys share the versioned
-prefix ``recsvc:v1:``. Per user ``{u}`` (the external user id, verbatim):
+prefix ``recsvc:v2:`` and carry a Redis Cluster hash tag ``{t}``: users are
+spread over ``SHARDS`` shards (``shard_of``), shard ``s`` has the tag
+``shard_tag(s)``, chosen so that the shards' hash slots are evenly spaced over
+the 16384 slots. Per user ``{u}`` (the external user id, verbatim) in shard tag ``t``:
 
-* ``recsvc:v1:user:{u}:hist``   HASH  item id -> summed feedback weight (float text)
-* ``recsvc:v1:user:{u}:recent`` ZSET  item id -> last event time (ms); caps the history
-* ``recsvc:v1:user:{u}:events`` ZSET  event id -> receive time (ms); idempotency window
-* ``recsvc:v1:user:{u}:meta``   HASH  ``updated_ms``, ``events`` (count); the cached
+* ``recsvc:v2:{t}:user:{u}:hist``   HASH  item id -> summed feedback weight (float text)
+* ``recsvc:v2:{t}:user:{u}:recent`` ZSET  item id -> last event time (ms); caps the history
+* ``recsvc:v2:{t}:user:{u}:events`` ZSET  event id -> receive time (ms); idempotency window
+* ``recsvc:v2:{t}:user:{u}:meta``   HASH  ``updated_ms``, ``events`` (count); the cached
   generator state ``vec``/``vec_events``/``vec_model`` and (#11) the cached sequence
   state ``seq``/``seq_events``/``seq_model`` (:data:`SEQUENCE_STATE`). The sequence
   model reads the user's items in event order from ``recent``.
 
-and one stream ``recsvc:v1:feedback``: the durable feedback log.
+and one stream per shard, ``recsvc:v2:{t}:feedback``: the durable feedback log.
+A user's keys and their shard's stream share one hash slot, so one script call
+can update them all atomically on a Redis Cluster node too.
 
-(#13) One stream ``recsvc:v1:impressions``: what each Recommend/Generate
+(#13) One stream ``recsvc:v2:impressions``: what each Recommend/Generate
 response showed (see ``IMPRESSION_FIELD``), trimmed by age (MINID) and
 length (MAXLEN ~). A single key, so it lives in one Redis Cluster slot and is
 always passed to commands by name, never built inside a script.
@@ -25,13 +30,89 @@ not at all, so a crash can never leave an event half-applied.
 
 from __future__ import annotations
 
-PREFIX = "recsvc:v1:"
-FEEDBACK_STREAM = PREFIX + "feedback"
-IMPRESSION_STREAM = PREFIX + "impressions"  # (#13)
-# Each entry has one field, ``d``: a JSON array [recommendation id, user, variant,
-# strategy, model version, kind (recommend | generate), items (positions are the
-# array's), teams (per position, interleaved lists only), ts_ms]. One field, not
-# nine: Redis stores and the client packs a ninth of the arguments.
+import functools
+import zlib
+
+from redis.crc import key_slot
+
+PREFIX = "recsvc:v2:"
+V1_PREFIX = "recsvc:v1:"  # format v1 (one Redis, unsharded): read by ``recsvc migrate``
+SHARDS = 256  # part of the format: changing it moves users, so it needs a new prefix
+CLUSTER_SLOTS = 16384
+USER_KINDS = ("hist", "recent", "events", "meta")
+
+
+@functools.cache
+def _tags() -> tuple[str, ...]:
+    """Shard ``s``'s tag: the smallest decimal number whose hash slot is
+    ``s * 16384 / SHARDS`` (computed once, ~60 ms)."""
+    step = CLUSTER_SLOTS // SHARDS
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < SHARDS:
+        slot = key_slot(str(n).encode())
+        if slot % step == 0 and slot // step not in found:
+            found[slot // step] = str(n)
+        n += 1
+    return tuple(found[s] for s in range(SHARDS))
+
+
+def shard_of(user_id: str) -> int:
+    """The user's shard: CRC-32 of the UTF-8 id, modulo ``SHARDS``."""
+    return zlib.crc32(user_id.encode()) % SHARDS
+
+
+def shard_tag(shard: int) -> str:
+    return _tags()[shard]
+
+
+def feedback_stream(shard: int) -> str:
+    """Shard ``shard``'s feedback stream."""
+    return f"{PREFIX}{{{shard_tag(shard)}}}:feedback"
+
+
+def feedback_streams() -> list[str]:
+    """Every shard's feedback stream, in shard order."""
+    return [feedback_stream(s) for s in range(SHARDS)]
+
+
+def user_keys(user_id: str) -> tuple[str, str, str, str]:
+    """The four per-user keys: (hist, recent, events, meta)."""
+    base = f"{PREFIX}{{{shard_tag(shard_of(user_id))}}}:user:{user_id}:"
+    return base + "hist", base + "recent", base + "events", base + "meta"
+
+
+def user_of_key(key: bytes) -> str | None:
+    """The user id a per-user key belongs to (None for other keys)."""
+    if not key.startswith(PREFIX_BYTES):
+        return None
+    _, sep, rest = key.partition(b"}:user:")
+    if not sep:
+        return None
+    return rest.rpartition(b":")[0].decode(errors="replace")
+
+
+PREFIX_BYTES = PREFIX.encode()
+
+
+def v1_user_keys(user_id: str) -> tuple[str, str, str, str]:
+    """Format v1's per-user keys (hist, recent, events, meta)."""
+    base = f"{V1_PREFIX}user:{user_id}:"
+    return base + "hist", base + "recent", base + "events", base + "meta"
+
+
+V1_FEEDBACK_STREAM = V1_PREFIX + "feedback"
+
+
+# (#13) The impression log: one stream, ``recsvc:v2:impressions`` (a single key,
+# so one Redis Cluster slot; always passed to commands by name, never built
+# inside a script). Each entry has one field, ``d``: a JSON array
+# [recommendation id, user, variant, strategy, model version, kind (recommend |
+# generate), items (positions are the array's), teams (per position,
+# interleaved lists only), ts_ms]. One field, not nine: Redis stores and the
+# client packs a ninth of the arguments.
+IMPRESSION_STREAM = PREFIX + "impressions"
+V1_IMPRESSION_STREAM = V1_PREFIX + "impressions"
 IMPRESSION_FIELD = "d"
 
 # Appends impressions and trims the stream, in one call (one fsync under
@@ -48,37 +129,32 @@ redis.call('XTRIM', stream, 'MINID', '~', ARGV[2])
 return #ARGV - 2
 """
 IMPRESSION_CHUNK = 200  # impressions per script call: bounds how long one blocks Redis
-USER_PREFIX = PREFIX + "user:"
-
-
-def user_keys(user_id: str) -> tuple[str, str, str, str]:
-    """The four per-user keys: (hist, recent, events, meta)."""
-    base = f"{USER_PREFIX}{user_id}:"
-    return base + "hist", base + "recent", base + "events", base + "meta"
 
 
 # Applies a chunk of events in order, each atomically (the script as a whole is).
-# KEYS[1]: the feedback stream. ARGV: now_ms, ttl_s, history_cap, dedup_window,
-# stream_maxlen, key prefix, then a JSON array of events, each
-# [event_id, user_id, item_id, type, value, weight, ts_ms, recommendation_id]
-# (all strings). Returns per event {1, new_weight, events} when applied, or
-# {0, current_weight, events} for a duplicate event id; ``events`` is the
-# user's applied-event count after it (the version of their state).
+# KEYS: the feedback streams the chunk writes, then the four keys (hist,
+# recent, events, meta) of each user in the chunk; on Redis Cluster a chunk
+# holds one shard (one hash slot), so KEYS is one stream and that shard's users.
+# ARGV: now_ms, ttl_s, history_cap, dedup_window, stream_maxlen, then a JSON
+# array of events, each [event_id, user_id, item_id, type, value, weight,
+# ts_ms, recommendation_id, stream key index, index of the user's first key]
+# (ids and numbers as strings, the indexes as numbers into KEYS). Returns per
+# event {1, new_weight, events} when applied, or {0, current_weight, events}
+# for a duplicate event id; ``events`` is the user's applied-event count after
+# it (the version of their state).
 #
 # The server validates events before they get here (recsvc.state.feedback);
 # the first loop checks the numbers again before anything is written, so a bad
 # event that slipped through fails its chunk whole (an error reply starting
 # with "RECSVC_INVALID") instead of failing half-way: Redis does not roll back
-# a script's earlier writes when a later command errors.
-# Per-user keys are built inside the script, so it needs a single Redis
-# (not Redis Cluster); one JSON argument keeps the client's packing cost per
-# event tiny, which is where the time went with one call per event.
+# a script's earlier writes when a later command errors. One JSON argument
+# keeps the client's packing cost per event tiny, which is where the time went
+# with one call per event.
 APPLY_EVENTS_LUA = """
-local stream = KEYS[1]
 local now_ms, ttl = ARGV[1], tonumber(ARGV[2])
 local history_cap, dedup_window = tonumber(ARGV[3]), tonumber(ARGV[4])
-local maxlen, prefix = tonumber(ARGV[5]), ARGV[6]
-local events = cjson.decode(ARGV[7])
+local maxlen = tonumber(ARGV[5])
+local events = cjson.decode(ARGV[6])
 local function finite(text)
   local x = tonumber(text)
   return x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
@@ -92,9 +168,8 @@ end
 local results = {}
 for n, ev in ipairs(events) do
   local event_id, item = ev[1], ev[3]
-  local base = prefix .. 'user:' .. ev[2] .. ':'
-  local hist, recent = base .. 'hist', base .. 'recent'
-  local seen, meta = base .. 'events', base .. 'meta'
+  local stream, k = KEYS[ev[9]], ev[10]
+  local hist, recent, seen, meta = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   if redis.call('ZSCORE', seen, event_id) then
     results[n] = {0, redis.call('HGET', hist, item) or '0',
                   redis.call('HGET', meta, 'events') or '0'}

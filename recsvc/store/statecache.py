@@ -40,12 +40,12 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import hiredis
-import redis.asyncio as aioredis
 from redis.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from recsvc.aio import Coalescer
+from recsvc.store.layout import user_of_key
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,14 @@ class StateCache:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Any,
         url: str,
-        user_prefix: str,
         max_items: int = 500_000,
         timeout_s: float = 0.5,
     ):
         self._client = client
         self._url = url
         self._timeout_s = timeout_s
-        self._prefix = user_prefix.encode()
         self.max_items = max_items
         self._entries: OrderedDict[str, tuple[Hashable, Any, int]] = OrderedDict()
         self._size = 0
@@ -287,8 +285,9 @@ class StateCache:
                     self._epoch += 1
                 else:
                     for key in keys:
-                        if key.startswith(self._prefix):
-                            self.invalidate(key[len(self._prefix) :].rpartition(b":")[0].decode())
+                        user_id = user_of_key(key)
+                        if user_id is not None:
+                            self.invalidate(user_id)
             elif kind == b"pong":
                 self._ping_outstanding = False
 
@@ -380,6 +379,11 @@ class StateCache:
 
     async def _round_trip_pooled(self, commands: list[Command]) -> list[Any]:
         """The same read, untracked (the cache is off or being re-established)."""
+        if not hasattr(self._client, "connection_pool"):  # Redis Cluster: routed per key
+            async with self._client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute()  # type: ignore[no-any-return]
         pool = self._client.connection_pool
         connection = await pool.get_connection()
         try:

@@ -12,19 +12,22 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from recsvc.aio import Coalescer
-from recsvc.store.errors import store_errors
+from recsvc.store.connect import connect_async
+from recsvc.store.errors import UNAVAILABLE_CLASSES, StoreUnavailable, store_errors
 from recsvc.store.layout import (
     APPLY_EVENTS_LUA,
-    FEEDBACK_STREAM,
-    PREFIX,
     PUT_STATE_LUA,
     PUT_VECTOR_LUA,
     SCRIPT_CHUNK,
     SEQUENCE_STATE,
-    USER_PREFIX,
+    V1_FEEDBACK_STREAM,
+    V1_PREFIX,
+    feedback_stream,
+    shard_of,
     user_keys,
 )
 from recsvc.store.statecache import FEED_CLIENT_NAME, StateCache
@@ -143,22 +146,28 @@ class UserStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         history_cap: int = 500,
         dedup_window: int = 10_000,
         ttl_s: int = 30 * 86400,
         stream_maxlen: int = 0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 250,
         cache: StateCache | None = None,
     ):
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
         # reads of user state go through it: cached while Redis tracks them for
         # us (see recsvc.store.statecache), read over a pooled connection otherwise
-        self.cache = cache or StateCache(client, "", USER_PREFIX, max_items=0)
+        self.cache = cache or StateCache(client, "", max_items=0)
         self.history_cap = history_cap
         self.dedup_window = dedup_window
         self.ttl_s = ttl_s
         self.stream_maxlen = stream_maxlen
+        # > 0: acknowledge a write only once that many replicas have it (WAIT)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._script_sha = hashlib.sha1(APPLY_EVENTS_LUA.encode()).hexdigest()
         self._put_sha = hashlib.sha1(PUT_VECTOR_LUA.encode()).hexdigest()
         self._put_state = client.register_script(PUT_STATE_LUA)  # reloads itself on NOSCRIPT
@@ -167,18 +176,19 @@ class UserStore:
 
     @classmethod
     def from_url(
-        cls, url: str, timeout_s: float = 0.5, cache_items: int = 0, **kwargs: int
+        cls,
+        url: str,
+        timeout_s: float = 0.5,
+        cache_items: int = 0,
+        cluster: bool = False,
+        **kwargs: int,
     ) -> UserStore:
-        """A store on ``url``; ``cache_items`` > 0 caches user state reads in this
-        process (up to that many history items), kept exact by Redis."""
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry_on_timeout=False,
-            decode_responses=False,
-        )
-        cache = StateCache(client, url, USER_PREFIX, cache_items, timeout_s)
+        """A store on ``url`` (a Redis Cluster node's URL with ``cluster``);
+        ``cache_items`` > 0 caches user state reads in this process (up to that
+        many history items), kept exact by Redis. On a cluster the cache is
+        off: see ``docs/redis-format.md``."""
+        client = connect_async(url, timeout_s, cluster)
+        cache = StateCache(client, url, 0 if cluster else cache_items, timeout_s)
         return cls(client, cache=cache, **kwargs)
 
     async def close(self) -> None:
@@ -188,9 +198,37 @@ class UserStore:
     @store_errors
     async def ping(self) -> bool:
         """Is Redis answering? Also (re)starts or checks the state cache."""
-        ok = bool(await self.client.ping())
+        try:
+            ok = bool(await self.client.ping())
+        except Exception:
+            await self._rediscover()
+            raise
         await self.cache.check()
         return ok
+
+    async def has_v1_data(self) -> bool:
+        """Does Redis still hold format v1 data (``recsvc migrate`` not run)?
+        A quick look (the v1 log, one SCAN page); False if Redis is unreachable."""
+        try:
+            if await self.client.exists(V1_FEEDBACK_STREAM):
+                return True
+            if self.cluster:
+                return False  # v1 never ran on a cluster
+            _, keys = await self.client.scan(0, match=f"{V1_PREFIX}user:*", count=1000)
+            return bool(keys)
+        except Exception:  # the health probe reports an unreachable Redis
+            return False
+
+    async def _rediscover(self) -> None:
+        """On a cluster, after a failure: read the slot map again on the next call
+        (a failed-over primary's slots now live on its promoted replica).
+
+        redis-py does this itself after a failed single command, not after a
+        failed pipeline. Its flag is set rather than calling ``aclose()``: that
+        would drop every node's connections, failing the calls in flight on the
+        healthy nodes, whose failures would close them again."""
+        if self.cluster:
+            self.client._initialize = True  # type: ignore[union-attr]
 
     @store_errors
     async def get_history(
@@ -273,20 +311,32 @@ class UserStore:
 
     @store_errors
     async def apply_events(self, events: Sequence[StoredEvent]) -> list[ApplyResult]:
-        """Apply events in one pipelined round trip; returns only once all are in Redis."""
+        """Apply events in one pipelined round trip; returns only once all are in
+        Redis (and, with ``wait_replicas``, on that many replicas)."""
         if not events:
             return []
         now_ms = int(time.time() * 1000)
+        calls = _script_calls(events, by_shard=self.cluster)
         try:
-            replies, other_caches = await self._run_apply(events, now_ms)
-        except NoScriptError:  # Redis restarted and lost its script cache
-            await self.client.script_load(APPLY_EVENTS_LUA)
-            replies, other_caches = await self._run_apply(events, now_ms)
+            if self.cluster:
+                await self.client.initialize()  # the slot map, for WAIT's nodes
+            try:
+                replies, other_caches = await self._run_apply(calls, now_ms)
+            except NoScriptError:  # Redis restarted and lost its script cache
+                await self.client.script_load(APPLY_EVENTS_LUA)
+                replies, other_caches = await self._run_apply(calls, now_ms)
+        except (StoreUnavailable, *UNAVAILABLE_CLASSES):
+            await self._rediscover()
+            raise
         for user_id in {e.user_id for e in events}:  # this process knows it changed
             self.cache.invalidate(user_id)
         if other_caches:
             await self._invalidation_fence()
-        return [ApplyResult(bool(r[0]), float(r[1]), int(r[2])) for r in replies]
+        results: list[ApplyResult | None] = [None] * len(events)
+        for call, call_replies in zip(calls, replies, strict=True):
+            for index, r in zip(call.indexes, call_replies, strict=True):
+                results[index] = ApplyResult(bool(r[0]), float(r[1]), int(r[2]))
+        return results  # type: ignore[return-value]
 
     async def _invalidation_fence(self) -> None:
         """Return only once Redis has sent every process's state cache the
@@ -314,27 +364,66 @@ class UserStore:
         await self.client.ping()
         return batch
 
-    async def _run_apply(
-        self, events: Sequence[StoredEvent], now_ms: int
-    ) -> tuple[list[Any], bool]:
-        """The scripts' results, and whether another process may cache user state."""
+    async def _run_apply(self, calls: list[_ScriptCall], now_ms: int) -> tuple[list[Any], bool]:
+        """Each script call's results, and whether another process may cache user state."""
         settings = (now_ms, self.ttl_s, self.history_cap, self.dedup_window, self.stream_maxlen)
+        sha = self._script_sha
+        wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
         async with self.client.pipeline(transaction=False) as pipe:
-            for start in range(0, len(events), SCRIPT_CHUNK):
-                chunk = json.dumps([e.script_args() for e in events[start : start + SCRIPT_CHUNK]])
-                pipe.execute_command(
-                    "EVALSHA", self._script_sha, 1, FEEDBACK_STREAM, *settings, PREFIX, chunk
-                )
-            # in the same Redis pass as the writes: which caches could hold stale state
-            pipe.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
-            *replies, listeners = await pipe.execute(raise_on_error=False)
+            for call in calls:
+                n_keys = len(call.keys)
+                pipe.execute_command("EVALSHA", sha, n_keys, *call.keys, *settings, call.events)
+            if self.cluster:
+                # WAIT counts the replicas that have this connection's writes: it
+                # must follow them on the connection to their node (the cluster
+                # pipeline sends each node's commands on one connection, in order)
+                nodes = {}
+                for call in calls:
+                    node = self.client.get_node_from_key(call.keys[0])
+                    nodes[node.name] = node
+                if self.wait_replicas > 0:
+                    for node in nodes.values():
+                        pipe.execute_command(*wait, target_nodes=node)
+                n_extra = len(nodes) if self.wait_replicas > 0 else 0
+            else:
+                if self.wait_replicas > 0:
+                    pipe.execute_command(*wait)
+                # in the same Redis pass as the writes: which caches could hold stale state
+                pipe.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+                n_extra = 1 + (self.wait_replicas > 0)
+            everything = await pipe.execute(raise_on_error=False)
+        replies, extra = everything[: len(calls)], everything[len(calls) :]
+        for reply in everything:
+            if isinstance(reply, NoScriptError):
+                raise reply
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        results = [result for chunk_results in replies for result in chunk_results]
-        return results, self._other_caches(listeners)
+        assert len(extra) == n_extra
+        if self.wait_replicas > 0:
+            self._check_replicated(calls, extra, nodes if self.cluster else None)
+        return replies, (not self.cluster and self._other_caches(extra[-1]))
 
-    def _other_caches(self, client_list: bytes | Exception) -> bool:
+    def _check_replicated(
+        self, calls: list[_ScriptCall], waits: list[Any], nodes: dict[str, Any] | None
+    ) -> None:
+        """Refuse the ack unless every WAIT saw enough replicas, on the node that
+        still serves each call's slot (a slot that moved meanwhile was written
+        on a connection the WAIT did not cover)."""
+        for reply in waits:
+            if isinstance(reply, Exception):
+                raise reply
+            if int(reply) < self.wait_replicas:
+                raise StoreUnavailable(
+                    f"NOREPLICAS: the write reached {int(reply)} of {self.wait_replicas} "
+                    f"replicas within {self.wait_timeout_ms} ms"
+                )
+        if nodes is not None:
+            for call in calls:
+                if self.client.get_node_from_key(call.keys[0]).name not in nodes:
+                    raise StoreUnavailable("MOVED: a slot moved during the write; retry")
+
+    def _other_caches(self, client_list: Any) -> bool:
         """Does a process other than this one listen for invalidations? A cache
         that starts after this pass turns tracking on after the write, so it can
         only read the new state. If Redis refuses CLIENT LIST, assume one does."""
@@ -346,3 +435,48 @@ class UserStore:
             if marker in line and line.split(b" ", 1)[0] != own:
                 return True
         return False
+
+
+@dataclass
+class _ScriptCall:
+    """One ``APPLY_EVENTS_LUA`` call: its KEYS, its events (JSON) and their
+    positions in the batch."""
+
+    keys: list[str]
+    events: str
+    indexes: list[int]
+
+
+def _script_calls(events: Sequence[StoredEvent], by_shard: bool) -> list[_ScriptCall]:
+    """The batch as script calls of up to ``SCRIPT_CHUNK`` events, each user's
+    events in order; with ``by_shard`` (Redis Cluster) one shard per call, so
+    each call's keys share a hash slot."""
+    groups: dict[int, list[int]] = {}
+    shards = [shard_of(e.user_id) for e in events]
+    if by_shard:
+        for index, shard in enumerate(shards):
+            groups.setdefault(shard, []).append(index)
+    else:
+        groups[0] = list(range(len(events)))
+    calls = []
+    for indexes in groups.values():
+        for start in range(0, len(indexes), SCRIPT_CHUNK):
+            chunk = indexes[start : start + SCRIPT_CHUNK]
+            keys: list[str] = []
+            stream_index: dict[int, int] = {}
+            user_index: dict[str, int] = {}
+            args = []
+            for i in chunk:
+                shard = shards[i]
+                if shard not in stream_index:
+                    keys.append(feedback_stream(shard))
+                    stream_index[shard] = len(keys)
+            for i in chunk:
+                event = events[i]
+                if event.user_id not in user_index:
+                    user_index[event.user_id] = len(keys) + 1
+                    keys.extend(user_keys(event.user_id))
+                stream, user = stream_index[shards[i]], user_index[event.user_id]
+                args.append([*event.script_args(), stream, user])
+            calls.append(_ScriptCall(keys, json.dumps(args), chunk))
+    return calls

@@ -7,9 +7,9 @@ import time
 import grpc
 import pytest
 import redis
-from helpers import start_serving, wait_for
+from helpers import log_entries, start_serving, wait_for
 
-from recsvc.store import FEEDBACK_STREAM, EmbeddedRedis
+from recsvc.store import EmbeddedRedis, user_keys
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -53,20 +53,20 @@ class Streamer(threading.Thread):
 
 def logged_event_ids(url):
     with redis.Redis.from_url(url) as client:
-        return [f[b"event_id"].decode() for _, f in client.xrange(FEEDBACK_STREAM)]
+        return [f[b"event_id"].decode() for _, f in log_entries(client)]
 
 
 def total_event_count(url):
     with redis.Redis.from_url(url) as client:
         return sum(
-            int(client.hget(f"recsvc:v1:user:user-{u}:meta", "events") or 0) for u in range(N_USERS)
+            int(client.hget(user_keys(f"user-{u}")[3], "events") or 0) for u in range(N_USERS)
         )
 
 
 def history_weight_sum(url):
     with redis.Redis.from_url(url) as client:
         return sum(
-            float(w) for u in range(N_USERS) for w in client.hvals(f"recsvc:v1:user:user-{u}:hist")
+            float(w) for u in range(N_USERS) for w in client.hvals(user_keys(f"user-{u}")[0])
         )
 
 

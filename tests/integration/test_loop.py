@@ -15,7 +15,7 @@ from helpers import wait_for
 
 from recsvc.bundle import read_manifest
 from recsvc.cli import main as recsvc_main
-from recsvc.store import FEEDBACK_STREAM, TRAINER_GROUP, export_feedback
+from recsvc.store import TRAINER_GROUP, export_feedback, feedback_stream, shard_of
 from recsvc.v1 import recommender_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -37,6 +37,7 @@ def test_export_is_at_least_once_and_trims_what_it_exported(server, redis_url, t
     server.stub.SendFeedback(pb.SendFeedbackRequest(
         events=[purchase(f"x{i}", "u1", f"b{i}") for i in range(5)]))  # fmt: skip
     client = redis.Redis.from_url(redis_url)
+    FEEDBACK_STREAM = feedback_stream(shard_of("u1"))  # noqa: N806 (u1's shard of the log)
     # a previous export read two entries and crashed before acknowledging them
     client.xgroup_create(FEEDBACK_STREAM, TRAINER_GROUP, id="0")
     client.xreadgroup(TRAINER_GROUP, "crashed-exporter", {FEEDBACK_STREAM: ">"}, count=2)

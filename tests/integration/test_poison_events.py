@@ -13,11 +13,11 @@ import pytest
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import log_entries, log_length
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recsvc.store import (
-    FEEDBACK_STREAM,
     EmbeddedRedis,
     StoredEvent,
     StoreRequestError,
@@ -96,7 +96,7 @@ def test_poison_event_in_send_feedback(server, second_stub, redis_url, name):
     assert "event 1 (id " in info.value.details() and reason in info.value.details()
     assert "none applied" in info.value.details()
     with redis.Redis.from_url(redis_url) as client:  # none applied: nothing logged
-        assert client.xlen(FEEDBACK_STREAM) == 0
+        assert log_length(client) == 0
     check_others_unaffected(server, second_stub, "unary")
 
 
@@ -200,7 +200,7 @@ def test_the_scripts_own_check_refuses_a_whole_chunk(redis_url):
 
     asyncio.run(main())
     with redis.Redis.from_url(redis_url) as client:
-        assert client.xlen(FEEDBACK_STREAM) == 0 and not client.keys("*script-user*")
+        assert log_length(client) == 0 and not client.keys("*script-user*")
 
 
 # --- the property: every event is applied exactly once or rejected with a reason ---
@@ -262,7 +262,7 @@ def test_every_event_is_applied_once_or_rejected_with_a_reason(server, redis_url
         with redis.Redis.from_url(redis_url) as client:
             logged = [
                 (f[b"user_id"].decode(), f[b"event_id"].decode())
-                for _, f in client.xrange(FEEDBACK_STREAM)
+                for _, f in log_entries(client)
                 if f[b"user_id"].decode().startswith(prefix)
             ]
         accepted = [m for n, m in enumerate(messages) if n not in rejected]

@@ -5,7 +5,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import wait_for
+from helpers import log_entries, wait_for
 
 from recsvc.store import EmbeddedRedis
 from recsvc.v1 import recommender_pb2 as pb
@@ -222,6 +222,6 @@ def test_feedback_is_in_the_log(server, redis_url):
             events=[purchase("log-1", "u3", "a2"), purchase("log-2", "u3", "zz")]
         )
     )
-    entries = redis.Redis.from_url(redis_url).xrange("recsvc:v1:feedback")
+    entries = log_entries(redis.Redis.from_url(redis_url))
     assert [fields[b"event_id"] for _, fields in entries] == [b"log-1", b"log-2"]
     assert entries[0][1][b"type"] == b"purchase"

@@ -118,6 +118,10 @@ def test_targets():
     with pytest.raises(UsageError, match="loopback"):
         check_target("192.0.2.1:50051")
     assert check_target("192.0.2.1:50051", allow_remote=True) == "192.0.2.1:50051"
+    # several instances of one service (#12): calls are spread over them
+    assert check_target("127.0.0.1:1,[::1]:2") == "127.0.0.1:1,[::1]:2"
+    with pytest.raises(UsageError, match="loopback"):
+        check_target("127.0.0.1:1,192.0.2.1:2")
     for bad in ("nohost", "127.0.0.1:x", "127.0.0.1:0"):
         with pytest.raises(UsageError):
             split_target(bad)
