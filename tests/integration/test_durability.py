@@ -9,7 +9,7 @@ import pytest
 import redis
 from helpers import log_entries, start_serving, wait_for
 
-from recsvc.store import EmbeddedRedis, user_keys
+from recsvc.store import EmbeddedRedis, connect_sync, user_keys
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -51,8 +51,8 @@ class Streamer(threading.Thread):
             self.error = exc
 
 
-def logged_event_ids(url):
-    with redis.Redis.from_url(url) as client:
+def logged_event_ids(url, cluster=False):
+    with connect_sync(url, cluster) as client:
         return [f[b"event_id"].decode() for _, f in log_entries(client)]
 
 
@@ -178,7 +178,8 @@ def test_backpressure_slows_a_fast_client_and_drops_nothing(make_server, redis_u
     assert len(logged_event_ids(redis_url)) == len(events)
 
 
-def test_duplicates_and_out_of_order_events(server, redis_url):
+def test_duplicates_and_out_of_order_events(make_server, any_redis):
+    server = make_server(redis_url=any_redis[0], redis_cluster=any_redis[1])
     base = (int(time.time()) - 3600) * 1000  # timestamps must lie near now
 
     def at(event_id, ms, item="a1"):
@@ -195,4 +196,4 @@ def test_duplicates_and_out_of_order_events(server, redis_url):
         ("a2", 2.0, base + 2_000),
     ]
     assert state.event_count == 3
-    assert logged_event_ids(redis_url) == ["late", "early", "mid"]
+    assert logged_event_ids(*any_redis) == ["late", "early", "mid"]

@@ -7,7 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import log_entries, wait_for
 
-from recsvc.store import EmbeddedRedis
+from recsvc.store import EmbeddedRedis, connect_sync
 from recsvc.v1 import recommender_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -19,6 +19,13 @@ def ids(response):
 
 def purchase(event_id, user, item, type_=pb.PURCHASE):
     return pb.FeedbackEvent(event_id=event_id, user_id=user, item_id=item, type=type_)
+
+
+@pytest.fixture
+def server(make_server, any_redis):
+    """The contract holds on one Redis and on a Redis Cluster alike."""
+    url, cluster = any_redis
+    return make_server(redis_url=url, redis_cluster=cluster)
 
 
 def health(server):
@@ -216,12 +223,13 @@ def test_redis_stopped_mid_test(make_server, tmp_path):
         own_redis.stop()
 
 
-def test_feedback_is_in_the_log(server, redis_url):
+def test_feedback_is_in_the_log(server, any_redis):
     server.stub.SendFeedback(
         pb.SendFeedbackRequest(
             events=[purchase("log-1", "u3", "a2"), purchase("log-2", "u3", "zz")]
         )
     )
-    entries = log_entries(redis.Redis.from_url(redis_url))
+    with connect_sync(*any_redis) as client:
+        entries = log_entries(client)
     assert [fields[b"event_id"] for _, fields in entries] == [b"log-1", b"log-2"]
     assert entries[0][1][b"type"] == b"purchase"
