@@ -12,7 +12,8 @@ In one run, on this machine:
 3. the per-process state cache's worth: closed loop (32 in flight, Recommend
    k=20) on an instance with the cache and on one without
    (RECSVC_STATE_CACHE_ITEMS=0, as on a cluster), alternated: rps and CPU.
-``--cluster`` runs all of it on a local 3+3 Redis Cluster (tests/cluster.py).
+``--cluster`` runs all of it on a local 3+3 Redis Cluster (tests/cluster.py,
+AOF with appendfsync always on every node, as on the embedded Redis).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main() -> None:
     if args.cluster:
         from cluster import LocalCluster
 
-        backend = LocalCluster(work / "cluster").start()
+        # durable as the embedded Redis is: AOF fsynced before every reply
+        backend = LocalCluster(work / "cluster", appendfsync="always").start()
         url = backend.url
     else:
         backend = EmbeddedRedis(work / "redis", tcp=True).start()

@@ -16,8 +16,17 @@ class LocalCluster:
     """``start()`` creates the cluster and waits until every slot is served and
     every replica is in sync; ``stop()`` ends every process it started."""
 
-    def __init__(self, root: Path, primaries: int = 3, node_timeout_ms: int = 1000):
+    def __init__(
+        self,
+        root: Path,
+        primaries: int = 3,
+        node_timeout_ms: int = 1000,
+        appendfsync: str | None = None,
+    ):
         self.root = root
+        # None: no AOF (tests: replication and WAIT are what they exercise; the
+        # AOF's guarantees are tested on the embedded Redis); benchmarks: "always"
+        self.appendfsync = appendfsync
         self.n_nodes = primaries * 2
         self.node_timeout_ms = node_timeout_ms
         self.ports: list[int] = []
@@ -62,9 +71,9 @@ class LocalCluster:
                 "--cluster-node-timeout", str(self.node_timeout_ms),
                 "--cluster-require-full-coverage", "no",
                 "--cluster-replica-validity-factor", "0",
-                # replication (and WAIT) is what these tests exercise; the AOF's
-                # guarantees are tested on the embedded Redis
-                "--appendonly", "no", "--save", "",
+                *(["--appendonly", "yes", "--appendfsync", self.appendfsync]
+                  if self.appendfsync else ["--appendonly", "no"]),
+                "--save", "",
                 "--logfile", str(node_dir / "redis.log"), "--daemonize", "no",
             ],  # fmt: skip
             stdin=subprocess.DEVNULL,

@@ -42,10 +42,9 @@ CLUSTER_SLOTS = 16384
 USER_KINDS = ("hist", "recent", "events", "meta")
 
 
-@functools.cache
-def _tags() -> tuple[str, ...]:
+def compute_tags() -> tuple[str, ...]:
     """Shard ``s``'s tag: the smallest decimal number whose hash slot is
-    ``s * 16384 / SHARDS`` (computed once, ~60 ms)."""
+    ``s * 16384 / SHARDS`` (the rule behind ``SHARD_TAGS``, ~60 ms to run)."""
     step = CLUSTER_SLOTS // SHARDS
     found: dict[int, str] = {}
     n = 0
@@ -57,28 +56,53 @@ def _tags() -> tuple[str, ...]:
     return tuple(found[s] for s in range(SHARDS))
 
 
+# compute_tags(), written out (tests/integration/test_store.py checks it)
+SHARD_TAGS = tuple(str(n) for n in (
+    3560, 11423, 40821, 41742, 2464, 10527, 5469, 12258, 1768, 16159, 3017, 7806, 69235, 40331,
+    2113, 6902, 22069, 26878, 574, 1696, 56283, 49436, 18834, 19757, 20261, 4493, 8518, 29498,
+    21365, 5597, 26368, 49141, 48576, 46382, 18617, 530, 27938, 15698, 19713, 12695, 18360, 16594,
+    47996, 11599, 19264, 17490, 39599, 9458, 11467, 3524, 13318, 4529, 10563, 2420, 40602, 41961,
+    41271, 68375, 7842, 3053, 17019, 13808, 6946, 2157, 4129, 13718, 3124, 7935, 69306, 40202, 2020,
+    6831, 3453, 11510, 40912, 41671, 2557, 10414, 41816, 17419, 130, 18217, 46782, 48176, 12295,
+    19313, 15298, 49072, 11199, 15988, 447, 12985, 9058, 39199, 17090, 13881, 1296, 174, 48132,
+    22469, 19357, 21212, 49036, 56683, 29098, 8118, 4093, 403, 49541, 26768, 5197, 1986, 41342,
+    68246, 7971, 3160, 1878, 5069, 6875, 2064, 8591, 3417, 16559, 1368, 9495, 42, 40731, 41852,
+    8209, 29389, 712, 4382, 26479, 49650, 21474, 975, 265, 1187, 22778, 48223, 4892, 19046, 29899,
+    8919, 3706, 2865, 1079, 5868, 2602, 3961, 69524, 40420, 45842, 41053, 3271, 11332, 5378, 12549,
+    2375, 10236, 2821, 3742, 41560, 68464, 3925, 2646, 4928, 69560, 13409, 4238, 11376, 3235, 40113,
+    44902, 10272, 2331, 48710, 11288, 18471, 756, 39288, 9349, 931, 17381, 17891, 221, 9859, 39998,
+    16995, 12184, 11998, 15189, 356, 18071, 11688, 23928, 17781, 19175, 9749, 39688, 46093, 42882,
+    621, 18506, 15589, 43986, 12584, 846, 45971, 41160, 3342, 11201, 44875, 17308, 2246, 10305,
+    3635, 2956, 4638, 13009, 2731, 3852, 69417, 40513, 16248, 1479, 8280, 3306, 40020, 44831, 9384,
+    2202, 2912, 3671, 41453, 68557, 3816, 2775, 12149, 5778, 4782, 312, 29789, 8609, 5686, 21074,
+    22868, 26079, 48623, 22378, 1587, 665, 49727, 48844, 802, 21503
+))  # fmt: skip
+_STREAMS = tuple(f"{PREFIX}{{{tag}}}:feedback" for tag in SHARD_TAGS)
+
+
 def shard_of(user_id: str) -> int:
     """The user's shard: CRC-32 of the UTF-8 id, modulo ``SHARDS``."""
     return zlib.crc32(user_id.encode()) % SHARDS
 
 
 def shard_tag(shard: int) -> str:
-    return _tags()[shard]
+    return SHARD_TAGS[shard]
 
 
 def feedback_stream(shard: int) -> str:
     """Shard ``shard``'s feedback stream."""
-    return f"{PREFIX}{{{shard_tag(shard)}}}:feedback"
+    return _STREAMS[shard]
 
 
 def feedback_streams() -> list[str]:
     """Every shard's feedback stream, in shard order."""
-    return [feedback_stream(s) for s in range(SHARDS)]
+    return list(_STREAMS)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # active users: the write path asks per event
 def user_keys(user_id: str) -> tuple[str, str, str, str]:
     """The four per-user keys: (hist, recent, events, meta)."""
-    base = f"{PREFIX}{{{shard_tag(shard_of(user_id))}}}:user:{user_id}:"
+    base = f"{PREFIX}{{{SHARD_TAGS[shard_of(user_id)]}}}:user:{user_id}:"
     return base + "hist", base + "recent", base + "events", base + "meta"
 
 
@@ -132,9 +156,10 @@ IMPRESSION_CHUNK = 200  # impressions per script call: bounds how long one block
 
 
 # Applies a chunk of events in order, each atomically (the script as a whole is).
-# KEYS: the feedback streams the chunk writes, then the four keys (hist,
-# recent, events, meta) of each user in the chunk; on Redis Cluster a chunk
-# holds one shard (one hash slot), so KEYS is one stream and that shard's users.
+# KEYS: every key the chunk touches: the feedback stream of each shard in it
+# and the four keys (hist, recent, events, meta) of each user in it, each
+# where the chunk first needs it; on Redis Cluster a chunk holds one shard
+# (one hash slot), so KEYS is one stream and that shard's users.
 # ARGV: now_ms, ttl_s, history_cap, dedup_window, stream_maxlen, then a JSON
 # array of events, each [event_id, user_id, item_id, type, value, weight,
 # ts_ms, recommendation_id, stream key index, index of the user's first key]

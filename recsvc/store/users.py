@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from recsvc.aio import Coalescer
 from recsvc.store.connect import connect_async
@@ -369,29 +370,16 @@ class UserStore:
         settings = (now_ms, self.ttl_s, self.history_cap, self.dedup_window, self.stream_maxlen)
         sha = self._script_sha
         wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for call in calls:
-                n_keys = len(call.keys)
-                pipe.execute_command("EVALSHA", sha, n_keys, *call.keys, *settings, call.events)
-            if self.cluster:
-                # WAIT counts the replicas that have this connection's writes: it
-                # must follow them on the connection to their node (the cluster
-                # pipeline sends each node's commands on one connection, in order)
-                nodes = {}
-                for call in calls:
-                    node = self.client.get_node_from_key(call.keys[0])
-                    nodes[node.name] = node
-                if self.wait_replicas > 0:
-                    for node in nodes.values():
-                        pipe.execute_command(*wait, target_nodes=node)
-                n_extra = len(nodes) if self.wait_replicas > 0 else 0
-            else:
-                if self.wait_replicas > 0:
-                    pipe.execute_command(*wait)
-                # in the same Redis pass as the writes: which caches could hold stale state
-                pipe.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
-                n_extra = 1 + (self.wait_replicas > 0)
-            everything = await pipe.execute(raise_on_error=False)
+        if not self.cluster:
+            commands = [("EVALSHA", sha, len(c.keys), *c.keys, *settings, c.events) for c in calls]
+            if self.wait_replicas > 0:
+                commands.append(wait)
+            # in the same Redis pass as the writes: which caches could hold stale state
+            commands.append(("CLIENT", "LIST", "TYPE", "pubsub"))
+            everything = await self._round_trip(commands)
+            nodes = None
+        else:
+            everything, nodes = await self._cluster_round_trip(calls, settings, wait)
         replies, extra = everything[: len(calls)], everything[len(calls) :]
         for reply in everything:
             if isinstance(reply, NoScriptError):
@@ -399,10 +387,51 @@ class UserStore:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        assert len(extra) == n_extra
         if self.wait_replicas > 0:
-            self._check_replicated(calls, extra, nodes if self.cluster else None)
+            self._check_replicated(calls, extra[: len(nodes) if nodes else 1], nodes)
         return replies, (not self.cluster and self._other_caches(extra[-1]))
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` on one pooled connection in one write, read every
+        reply (an error reply as its exception). Packed by hiredis: redis-py's
+        own packing of a script call's KEYS cost more than the rest of the
+        write path."""
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            packed = b"".join([hiredis.pack_command(command) for command in commands])
+            await connection.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # read whole: the connection stays in step
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
+
+    async def _cluster_round_trip(
+        self, calls: list[_ScriptCall], settings: tuple[int, ...], wait: tuple[Any, ...]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The script calls through the cluster pipeline (each node's commands on
+        one connection, in order, the nodes in parallel), then with
+        ``wait_replicas`` a WAIT for each node written, on that connection."""
+        nodes = {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.execute_command(
+                    "EVALSHA", self._script_sha, len(call.keys), *call.keys, *settings, call.events
+                )
+                node = self.client.get_node_from_key(call.keys[0])
+                nodes[node.name] = node
+            if self.wait_replicas > 0:
+                for node in nodes.values():
+                    pipe.execute_command(*wait, target_nodes=node)
+            return await pipe.execute(raise_on_error=False), nodes
 
     def _check_replicated(
         self, calls: list[_ScriptCall], waits: list[Any], nodes: dict[str, Any] | None
@@ -451,32 +480,33 @@ def _script_calls(events: Sequence[StoredEvent], by_shard: bool) -> list[_Script
     """The batch as script calls of up to ``SCRIPT_CHUNK`` events, each user's
     events in order; with ``by_shard`` (Redis Cluster) one shard per call, so
     each call's keys share a hash slot."""
-    groups: dict[int, list[int]] = {}
-    shards = [shard_of(e.user_id) for e in events]
+    keys_of = [user_keys(e.user_id) for e in events]  # cached per user
     if by_shard:
-        for index, shard in enumerate(shards):
-            groups.setdefault(shard, []).append(index)
+        groups: dict[int, list[int]] = {}
+        for index, event in enumerate(events):
+            groups.setdefault(shard_of(event.user_id), []).append(index)
+        index_groups = list(groups.values())
     else:
-        groups[0] = list(range(len(events)))
+        index_groups = [list(range(len(events)))]
     calls = []
-    for indexes in groups.values():
+    for indexes in index_groups:
         for start in range(0, len(indexes), SCRIPT_CHUNK):
             chunk = indexes[start : start + SCRIPT_CHUNK]
             keys: list[str] = []
-            stream_index: dict[int, int] = {}
-            user_index: dict[str, int] = {}
+            stream_at: dict[int, int] = {}  # shard -> its stream's index in KEYS
+            # user -> (their shard's stream's index in KEYS, the index of their first key)
+            user_at: dict[str, tuple[int, int]] = {}
             args = []
             for i in chunk:
-                shard = shards[i]
-                if shard not in stream_index:
-                    keys.append(feedback_stream(shard))
-                    stream_index[shard] = len(keys)
-            for i in chunk:
                 event = events[i]
-                if event.user_id not in user_index:
-                    user_index[event.user_id] = len(keys) + 1
-                    keys.extend(user_keys(event.user_id))
-                stream, user = stream_index[shards[i]], user_index[event.user_id]
-                args.append([*event.script_args(), stream, user])
+                at = user_at.get(event.user_id)
+                if at is None:
+                    shard = shard_of(event.user_id)
+                    if shard not in stream_at:
+                        keys.append(feedback_stream(shard))
+                        stream_at[shard] = len(keys)
+                    at = user_at[event.user_id] = (stream_at[shard], len(keys) + 1)
+                    keys.extend(keys_of[i])
+                args.append([*event.script_args(), *at])
             calls.append(_ScriptCall(keys, json.dumps(args), chunk))
     return calls

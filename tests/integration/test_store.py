@@ -18,6 +18,7 @@ from recsvc.store import (
     shard_of,
     user_keys,
 )  # fmt: skip
+from recsvc.store.layout import SHARD_TAGS, compute_tags
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +81,7 @@ def test_shard_tags_spread_evenly_over_the_hash_slots():
     and their shard's stream share that slot, whatever the user id holds."""
     streams = feedback_streams()
     assert len(streams) == SHARDS == 256
+    assert compute_tags() == SHARD_TAGS
     assert streams[:2] == ["recsvc:v2:{3560}:feedback", "recsvc:v2:{11423}:feedback"]
     for shard, stream in enumerate(streams):
         tag = stream.split("{")[1].split("}")[0]
