@@ -7,7 +7,6 @@ import time
 
 import grpc
 import pytest
-import redis
 from cluster import LocalCluster
 from helpers import log_entries, wait_for
 
@@ -57,8 +56,9 @@ def test_serving_and_export_on_a_cluster(make_server, cluster_url, redis_cluster
     client.close()
 
 
-def test_migrate_moves_v1_state_and_unexported_log(redis_url, make_server):
-    r = redis.Redis.from_url(redis_url)
+def test_migrate_moves_v1_state_and_unexported_log(any_redis, make_server):
+    redis_url, cluster = any_redis
+    r = connect_sync(redis_url, cluster)
     r.hset("recsvc:v1:user:bob:hist", mapping={"a1": "3", "a2": "-1"})
     r.zadd("recsvc:v1:user:bob:recent", {"a1": 1_700_000_000_000, "a2": 1_700_000_000_001})
     r.zadd("recsvc:v1:user:bob:events", {"old-1": 1, "old-2": 2, "old-3": 3})
@@ -74,15 +74,17 @@ def test_migrate_moves_v1_state_and_unexported_log(redis_url, make_server):
     r.xack("recsvc:v1:feedback", TRAINER_GROUP, first)
     r.xreadgroup(TRAINER_GROUP, "x", {"recsvc:v1:feedback": ">"}, 1)
 
-    assert recsvc_main(["migrate", "--redis-url", redis_url]) == 0
+    flags = ["--redis-url", redis_url, *(["--redis-cluster"] if cluster else [])]
+    assert recsvc_main(["migrate", *flags]) == 0
     assert r.keys("recsvc:v1:*") == []
     assert r.hgetall(user_keys("bob")[0]) == {b"a1": b"3", b"a2": b"-1"}
     assert 3500 < r.ttl(user_keys("bob")[0]) <= 3600
     assert [f[b"event_id"] for _, f in log_entries(r)] == [b"old-2", b"old-3"]
-    assert recsvc_main(["migrate", "--redis-url", redis_url]) == 0  # again: nothing to do
+    assert recsvc_main(["migrate", *flags]) == 0  # again: nothing to do
     assert len(log_entries(r)) == 2
 
-    server = make_server()  # the migrated state serves, and dedup still knows old ids
+    # the migrated state serves, and dedup still knows old ids
+    server = make_server(redis_url=redis_url, redis_cluster=cluster)
     ack = server.stub.SendFeedback(
         pb.SendFeedbackRequest(events=[click("old-2", "bob", "a1"), click("new-1", "bob", "a1")])
     )
