@@ -166,7 +166,9 @@ IMPRESSION_CHUNK = 200  # impressions per script call: bounds how long one block
 # (ids and numbers as strings, the indexes as numbers into KEYS). Returns per
 # event {1, new_weight, events} when applied, or {0, current_weight, events}
 # for a duplicate event id; ``events`` is the user's applied-event count after
-# it (the version of their state).
+# it (the version of their state). A duplicate refreshes the TTL of ``events``
+# (a write): a ``WAIT`` after the call then covers the event's first
+# application, made maybe on another connection whose ack was lost.
 #
 # The server validates events before they get here (recsvc.state.feedback);
 # the first loop checks the numbers again before anything is written, so a bad
@@ -196,6 +198,8 @@ for n, ev in ipairs(events) do
   local stream, k = KEYS[ev[9]], ev[10]
   local hist, recent, seen, meta = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   if redis.call('ZSCORE', seen, event_id) then
+    -- a write, so that a WAIT after this call covers the first application too
+    redis.call('EXPIRE', seen, ttl)
     results[n] = {0, redis.call('HGET', hist, item) or '0',
                   redis.call('HGET', meta, 'events') or '0'}
   else

@@ -14,6 +14,7 @@ import hiredis
 import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from recsvc.aio import Coalescer
@@ -376,7 +377,10 @@ class UserStore:
                 commands.append(wait)
             # in the same Redis pass as the writes: which caches could hold stale state
             commands.append(("CLIENT", "LIST", "TYPE", "pubsub"))
-            everything = await self._round_trip(commands)
+            try:
+                everything = await self._round_trip(commands)
+            except RedisConnectionError:  # e.g. a pooled connection from before a restart
+                everything = await self._round_trip(commands)  # idempotent: safe to resend
             nodes = None
         else:
             everything, nodes = await self._cluster_round_trip(calls, settings, wait)

@@ -2,16 +2,32 @@
 feedback log and its export, a primary killed under a feedback stream, and the
 move from format v1."""
 
+import asyncio
+import subprocess
 import threading
 import time
 
 import grpc
 import pytest
+import redis
 from cluster import LocalCluster
 from helpers import log_entries, wait_for
 
 from recsvc.cli import main as recsvc_main
-from recsvc.store import TRAINER_GROUP, connect_sync, feedback_stream, shard_of, user_keys
+from recsvc.store import (
+    TRAINER_GROUP,
+    EmbeddedRedis,
+    StoredEvent,
+    StoreUnavailable,
+    UserStore,
+    connect_sync,
+    die_with_parent,
+    feedback_stream,
+    free_port,
+    redis_server_binary,
+    shard_of,
+    user_keys,
+)  # fmt: skip
 from recsvc.v1 import recommender_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -164,3 +180,62 @@ def test_primary_killed_under_a_stream_loses_no_acked_event(tmp_path, make_serve
         assert not reply.degraded
     finally:
         own.stop()
+
+
+def test_wait_acks_only_what_a_replica_has(tmp_path):
+    """One primary and one replica (no cluster): with wait_replicas=1 a write is
+    acknowledged while the replica follows, refused (UNAVAILABLE) once it is
+    gone; the refused batch is applied on the primary, and its resend is a
+    duplicate acknowledged once a replica is back."""
+    primary = EmbeddedRedis(tmp_path / "primary", tcp=True).start()
+    port = free_port()
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+            "--replicaof", "127.0.0.1", str(primary.port), "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path)]  # fmt: skip
+    replica = subprocess.Popen(args, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+    def in_sync():
+        try:
+            with redis.Redis(port=port, socket_timeout=0.5) as r:
+                return r.info("replication").get("master_link_status") == "up"
+        except (redis.RedisError, OSError):
+            return False
+
+    async def scenario(store):
+        await store.apply_events([stored("w1")])
+        replica.kill()
+        replica.wait()
+        with pytest.raises(StoreUnavailable, match="NOREPLICAS"):
+            await store.apply_events([stored("w2")])
+        return await store.get_state("waiter")
+
+    try:
+        assert wait_for(in_sync, 10)
+        state = asyncio.run(with_store(primary.url, scenario))
+        assert state.event_count == 2  # w2 was applied, not acknowledged
+        replica2 = subprocess.Popen(args, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        try:
+            assert wait_for(in_sync, 10)
+            resend = lambda s: s.apply_events([stored("w2")])  # noqa: E731
+            (again,) = asyncio.run(with_store(primary.url, resend))
+            assert not again.applied  # the resend: a duplicate, acknowledged now
+        finally:
+            replica2.kill()
+            replica2.wait()
+    finally:
+        if replica.poll() is None:
+            replica.kill()
+            replica.wait()
+        primary.stop()
+
+
+def stored(event_id):
+    return StoredEvent(event_id, "waiter", "a1", "click", 0.0, 2.0, 1_700_000_000_000)
+
+
+async def with_store(url, scenario):
+    store = UserStore.from_url(url, timeout_s=2, wait_replicas=1, wait_timeout_ms=300)
+    try:
+        return await scenario(store)
+    finally:
+        await store.close()
