@@ -62,23 +62,46 @@ def _v2_key(v1_key: bytes) -> str | None:
 def migrate_v1(client: redis.Redis | redis.RedisCluster, batch: int = 1000) -> MigrationReport:
     """Move format v1 data to format v2 (see the module docstring)."""
     report = MigrationReport()
-    for key in list(_v1_user_keys(client, batch)):
+    page: list[tuple[bytes, str]] = []
+    for key in _v1_user_keys(client, batch):  # SCAN: keys moved meanwhile are not revisited
         target = _v2_key(key)
-        if target is None:
-            continue
-        dumped = client.dump(key)
-        if dumped is not None:
-            ttl = max(int(client.pttl(key)), 0)
-            try:
-                client.restore(target, ttl, dumped)
-                report.keys_moved += 1
-            except redis.ResponseError as exc:
-                if "BUSYKEY" not in str(exc):
-                    raise
-                report.keys_kept += 1
-        client.delete(key)
+        if target is not None:
+            page.append((key, target))
+        if len(page) >= batch:
+            _move_keys(client, page, report)
+            page = []
+    _move_keys(client, page, report)
     _migrate_log(client, batch, report)
     return report
+
+
+def _move_keys(client: Any, page: list[tuple[bytes, str]], report: MigrationReport) -> None:
+    """DUMP, PTTL, RESTORE and DEL a page of keys: two pipelined round trips."""
+    if not page:
+        return
+    with client.pipeline(transaction=False) as pipe:
+        for key, _ in page:
+            pipe.dump(key)
+            pipe.pttl(key)
+        replies = pipe.execute()
+    restores = []  # positions of the RESTOREs among the replies
+    with client.pipeline(transaction=False) as pipe:
+        for (key, target), dumped, ttl in zip(page, replies[0::2], replies[1::2], strict=True):
+            if dumped is not None:  # gone meanwhile (expired): nothing to move
+                restores.append(len(pipe))
+                pipe.restore(target, max(int(ttl), 0), dumped)
+            pipe.delete(key)
+        results = pipe.execute(raise_on_error=False)
+    for position in restores:
+        result = results[position]
+        if isinstance(result, redis.ResponseError):
+            if "BUSYKEY" not in str(result):
+                raise result
+            report.keys_kept += 1  # the user has v2 state of this kind already
+        elif isinstance(result, Exception):
+            raise result
+        else:
+            report.keys_moved += 1
 
 
 def _migrate_log(client: Any, batch: int, report: MigrationReport) -> None:

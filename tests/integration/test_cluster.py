@@ -3,6 +3,7 @@ feedback log and its export, a primary killed under a feedback stream, and the
 move from format v1."""
 
 import asyncio
+import json
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from recsvc.store import (
     die_with_parent,
     feedback_stream,
     free_port,
+    migrate_v1,
     redis_server_binary,
     shard_of,
     user_keys,
@@ -72,7 +74,7 @@ def test_serving_and_export_on_a_cluster(make_server, cluster_url, redis_cluster
     client.close()
 
 
-def test_migrate_moves_v1_state_and_unexported_log(any_redis, make_server):
+def test_migrate_moves_v1_state_and_unexported_log(any_redis, make_server, capsys):
     redis_url, cluster = any_redis
     r = connect_sync(redis_url, cluster)
     r.hset("recsvc:v1:user:bob:hist", mapping={"a1": "3", "a2": "-1"})
@@ -92,7 +94,11 @@ def test_migrate_moves_v1_state_and_unexported_log(any_redis, make_server):
 
     flags = ["--redis-url", redis_url, *(["--redis-cluster"] if cluster else [])]
     assert recsvc_main(["migrate", *flags]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "keys_moved": 4, "keys_kept": 0, "entries_copied": 2, "entries_skipped": 1}
     assert r.keys("recsvc:v1:*") == []
+    assert migrate_v1(r).as_dict() == {  # again: nothing left to move
+        "keys_moved": 0, "keys_kept": 0, "entries_copied": 0, "entries_skipped": 0}
     assert r.hgetall(user_keys("bob")[0]) == {b"a1": b"3", b"a2": b"-1"}
     assert 3500 < r.ttl(user_keys("bob")[0]) <= 3600
     assert [f[b"event_id"] for _, f in log_entries(r)] == [b"old-2", b"old-3"]
