@@ -1,6 +1,7 @@
 """Several `recsvc serve` instances on one Redis (or one Redis Cluster): #12.
 
     python benchmarks/replicas.py --model DIR [--samples 300] [--rounds 2] [--cluster]
+        [--freshness-only]
 
 In one run, on this machine:
 1. freshness within one instance, and across two (feedback acknowledged by
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--cluster", action="store_true")
+    parser.add_argument("--freshness-only", action="store_true", help="only part 1")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recsvc-replicas-"))
     if args.cluster:
@@ -114,6 +116,8 @@ def main() -> None:
                       f"reflected on the first Recommend {f['reflected_on_first_poll']}"
                       f"/{f['samples']}, not reflected {f['not_reflected']}, "
                       f"failed {f['failed']}")  # fmt: skip
+        if args.freshness_only:
+            return
         print("rolling reload under load:", rolling_reload(a, b, args.model))
 
         procs.append(serve(args.model, 50983, url, args.cluster, work,
