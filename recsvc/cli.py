@@ -6,7 +6,6 @@ Nothing else lives here."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -96,6 +95,33 @@ def cmd_export_feedback(args: argparse.Namespace) -> int:
         rows, last = export_feedback(client, args.out, trim=not args.no_trim)
     log.info("exported %d feedback events to %s (last entry %s)", rows, args.out, last)
     print(json.dumps({"rows": rows, "last_entry_id": last, "out": str(args.out)}))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """(#13) Per-variant CTR and conversions from the impression and feedback logs."""
+    import itertools
+
+    from recsvc.online.attribution import attribute
+    from recsvc.online.impressions import Impression
+    from recsvc.online.report import plot, read_feedback_csv, summarise, table
+    from recsvc.store.impressions import read_feedback_log, read_impressions
+
+    overrides: dict[str, Any] = {"attribution_window_s": args.window_s} if args.window_s else {}
+    window_s = Settings(**overrides).attribution_window_s  # the flag, else RECSVC_*, else 1 day
+    since_ms = int((time.time() - args.since_hours * 3600) * 1000) if args.since_hours else 0
+    with _tool_redis(args) as client:
+        impressions = (Impression.from_json(f) for f in read_impressions(client, since_ms))
+        events = itertools.chain(read_feedback_log(client, since_ms),
+                                 read_feedback_csv(args.feedback or ()))  # fmt: skip
+        result = attribute(
+            impressions, events, window_s * 1000, int(args.bucket_s * 1000),
+            frozenset(args.click_types.split(",")), frozenset(args.conversion_types.split(",")),
+        )  # fmt: skip
+    summary = summarise(result, args.control)
+    print(json.dumps(summary, indent=1) if args.json else table(summary))
+    if args.plot:
+        plot(summary, args.plot)
     return 0
 
 

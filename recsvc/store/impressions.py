@@ -50,7 +50,10 @@ class ImpressionWriter:
         async with self.client.pipeline(transaction=False) as pipe:
             for start in range(0, len(entries), IMPRESSION_CHUNK):
                 chunk = entries[start : start + IMPRESSION_CHUNK]
-                pipe.evalsha(self._sha, 1, IMPRESSION_STREAM, self.maxlen, min_id, *chunk)
+                # (#12) execute_command: a cluster pipeline refuses its evalsha()
+                pipe.execute_command(
+                    "EVALSHA", self._sha, 1, IMPRESSION_STREAM, self.maxlen, min_id, *chunk
+                )
             replies = await pipe.execute(raise_on_error=False)
         for reply in replies:
             if isinstance(reply, Exception):

@@ -4,8 +4,9 @@ Format v1 (``recsvc:v1:``) kept per-user keys without hash tags and one
 feedback stream. Migration moves every v1 user key to its v2 name (DUMP and
 RESTORE, keeping its TTL, then DEL), and copies the feedback log entries the
 ``trainer`` group has not yet consumed (new and pending ones) into their
-users' v2 shard streams before deleting the v1 stream. It is safe to run
-while servers of format v2 take traffic and to run again after a crash:
+users' v2 shard streams before deleting the v1 stream; (#13) the impression
+log moves whole. It is safe to run while servers of format v2 take traffic
+and to run again after a crash:
 
 * a user who already has a v2 key of that kind (they sent feedback to a v2
   server first) keeps it; their v1 key of that kind is dropped, not merged;
@@ -24,8 +25,10 @@ import redis
 
 from recsvc.store.export import TRAINER_GROUP
 from recsvc.store.layout import (
+    IMPRESSION_STREAM,
     USER_KINDS,
     V1_FEEDBACK_STREAM,
+    V1_IMPRESSION_STREAM,
     V1_PREFIX,
     feedback_stream,
     shard_of,
@@ -39,8 +42,9 @@ class MigrationReport:
     keys_kept: int = 0  # v2 already had the key: the v1 copy was dropped
     entries_copied: int = 0
     entries_skipped: int = 0  # already consumed by the trainer group
+    impressions_moved: bool = False  # (#13's log) renamed to its v2 key whole
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | bool]:
         return dict(self.__dict__)
 
 
@@ -72,7 +76,25 @@ def migrate_v1(client: redis.Redis | redis.RedisCluster, batch: int = 1000) -> M
             page = []
     _move_keys(client, page, report)
     _migrate_log(client, batch, report)
+    _migrate_impressions(client, report)
     return report
+
+
+def _migrate_impressions(client: Any, report: MigrationReport) -> None:
+    """The impression log moves whole (DUMP/RESTORE keeps its entry ids, which
+    its readers select by time). If a v2 server has started a v2 log already,
+    the v1 one is left in place: its older ids cannot go before the v2 log's."""
+    dumped = client.dump(V1_IMPRESSION_STREAM)
+    if dumped is None:
+        return
+    try:
+        client.restore(IMPRESSION_STREAM, max(int(client.pttl(V1_IMPRESSION_STREAM)), 0), dumped)
+    except redis.ResponseError as exc:
+        if "BUSYKEY" not in str(exc):
+            raise
+        return
+    client.delete(V1_IMPRESSION_STREAM)
+    report.impressions_moved = True
 
 
 def _move_keys(client: Any, page: list[tuple[bytes, str]], report: MigrationReport) -> None:

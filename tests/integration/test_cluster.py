@@ -87,6 +87,7 @@ def test_migrate_moves_v1_state_and_unexported_log(any_redis, make_server, capsy
     for n in range(3):
         r.xadd("recsvc:v1:feedback", {"event_id": f"old-{n + 1}", **fields})
     r.xgroup_create("recsvc:v1:feedback", TRAINER_GROUP, id="0")
+    r.xadd("recsvc:v1:impressions", {"d": "[]"}, id="1700000000000-0")
     # old-1 exported and acknowledged, old-2 read by an export that crashed
     ((_, ((first, _),)),) = r.xreadgroup(TRAINER_GROUP, "x", {"recsvc:v1:feedback": ">"}, 1)
     r.xack("recsvc:v1:feedback", TRAINER_GROUP, first)
@@ -95,10 +96,13 @@ def test_migrate_moves_v1_state_and_unexported_log(any_redis, make_server, capsy
     flags = ["--redis-url", redis_url, *(["--redis-cluster"] if cluster else [])]
     assert recsvc_main(["migrate", *flags]) == 0
     assert json.loads(capsys.readouterr().out) == {
-        "keys_moved": 4, "keys_kept": 0, "entries_copied": 2, "entries_skipped": 1}
+        "keys_moved": 4, "keys_kept": 0, "entries_copied": 2, "entries_skipped": 1,
+        "impressions_moved": True}
+    assert r.xrange("recsvc:v2:impressions") == [(b"1700000000000-0", {b"d": b"[]"})]
     assert r.keys("recsvc:v1:*") == []
     assert migrate_v1(r).as_dict() == {  # again: nothing left to move
-        "keys_moved": 0, "keys_kept": 0, "entries_copied": 0, "entries_skipped": 0}
+        "keys_moved": 0, "keys_kept": 0, "entries_copied": 0, "entries_skipped": 0,
+        "impressions_moved": False}
     assert r.hgetall(user_keys("bob")[0]) == {b"a1": b"3", b"a2": b"-1"}
     assert 3500 < r.ttl(user_keys("bob")[0]) <= 3600
     assert [f[b"event_id"] for _, f in log_entries(r)] == [b"old-2", b"old-3"]
