@@ -33,6 +33,7 @@ from redis.exceptions import (
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 UNAVAILABLE_CLASSES = (
     RedisConnectionError, RedisTimeoutError, InvalidResponse, OSError, ReadOnlyError,
     NoPermissionError, TryAgainError, ClusterDownError, AskError,
+    RedisClusterException,  # (#12) no node reachable, a slot not covered
 )  # fmt: skip
 UNAVAILABLE_CODES = re.compile(
     r"\b(LOADING|READONLY|MASTERDOWN|BUSY|MISCONF|TRYAGAIN|CLUSTERDOWN|NOREPLICAS|NOAUTH"
@@ -124,7 +126,7 @@ def store_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]
         CALLS["calls"] += 1
         try:
             return await method(*args, **kwargs)
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RedisClusterException) as exc:
             error = classify(exc)
             CALLS[type(error).__name__] += 1
             raise error from exc

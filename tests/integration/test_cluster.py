@@ -147,49 +147,55 @@ class ResendingStream(threading.Thread):
                 time.sleep(0.05)
 
 
-def test_primary_killed_under_a_stream_loses_no_acked_event(tmp_path, make_server):
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of this test's own (requested before make_server: stopped after
+    the servers are)."""
+    cluster = LocalCluster(tmp_path / "cluster").start()
+    yield cluster
+    cluster.stop()
+
+
+def test_primary_killed_under_a_stream_loses_no_acked_event(own_cluster, make_server):
     """SIGKILL of a primary mid-stream, acks after WAIT 1: once its replica is
     promoted every acknowledged event is there, and none was applied twice."""
-    own = LocalCluster(tmp_path / "cluster").start()
-    try:
-        server = make_server(redis_url=own.url, redis_cluster=True, redis_wait_replicas=1,
-                             redis_timeout_s=0.5, stream_batch=50)  # fmt: skip
-        n_users = 30
-        events = [click(f"f{i}", f"fo-{i % n_users}", f"a{i % 7}") for i in range(6000)]
-        streamer = ResendingStream(server.stub, events, deadline_s=60)
-        victim = own.primary_of(user_keys("fo-0")[0])
-        streamer.start()
-        while len(streamer.acked) < 1000 and streamer.is_alive():
-            time.sleep(0.005)
-        acked_before_kill = set(streamer.acked)
-        own.kill(victim)
-        killed_at = time.monotonic()
-        # its replica takes over; with WAIT 1 the slot acks again once it has a
-        # replica: the killed node, back, rejoins as one
-        assert wait_for(lambda: own.primary_of(user_keys("fo-0")[0]) != victim, 20)
-        own.restart(victim)
-        streamer.join(70)
-        assert not streamer.is_alive() and len(streamer.acked) == len(events)
-        assert acked_before_kill and len(acked_before_kill) < len(events)
-        # the failure was noticed, reported as UNAVAILABLE, and over with the failover
-        assert streamer.failures, "the kill never reached the stream"
-        assert {code for _, code in streamer.failures} == {grpc.StatusCode.UNAVAILABLE}
-        assert max(t for t, _ in streamer.failures) - killed_at < 15
+    own = own_cluster
+    server = make_server(redis_url=own.url, redis_cluster=True, redis_wait_replicas=1,
+                         redis_timeout_s=0.5, stream_batch=50)  # fmt: skip
+    n_users = 30
+    events = [click(f"f{i}", f"fo-{i % n_users}", f"a{i % 7}") for i in range(6000)]
+    streamer = ResendingStream(server.stub, events, deadline_s=60)
+    victim = own.primary_of(user_keys("fo-0")[0])
+    streamer.start()
+    while len(streamer.acked) < 1000 and streamer.is_alive():
+        time.sleep(0.005)
+    acked_before_kill = set(streamer.acked)
+    own.kill(victim)
+    killed_at = time.monotonic()
+    # its replica takes over; with WAIT 1 the slot acks again once it has a
+    # replica: the killed node, back, rejoins as one
+    assert wait_for(lambda: own.primary_of(user_keys("fo-0")[0]) != victim, 20)
+    own.restart(victim)
+    streamer.join(70)
+    assert not streamer.is_alive() and len(streamer.acked) == len(events)
+    assert acked_before_kill and len(acked_before_kill) < len(events)
+    # the failure was noticed, reported as UNAVAILABLE, and over with the failover
+    assert streamer.failures, "the kill never reached the stream"
+    assert {code for _, code in streamer.failures} == {grpc.StatusCode.UNAVAILABLE}
+    assert max(t for t, _ in streamer.failures) - killed_at < 15
 
-        with connect_sync(own.url, cluster=True) as client:
-            per_user = {}
-            for e in events:
-                per_user[e.user_id] = per_user.get(e.user_id, 0) + 1
-            for user, n in per_user.items():  # every event applied, none twice
-                assert int(client.hget(user_keys(user)[3], "events")) == n, user
-                weights = client.hgetall(user_keys(user)[0])
-                assert sum(float(w) for w in weights.values()) == 2.0 * n
-            logged = [f[b"event_id"].decode() for _, f in log_entries(client)]
-        assert sorted(logged) == sorted(e.event_id for e in events)  # each exactly once
-        reply = server.stub.Recommend(pb.RecommendRequest(user_id="fo-0", k=3))
-        assert not reply.degraded
-    finally:
-        own.stop()
+    with connect_sync(own.url, cluster=True) as client:
+        per_user = {}
+        for e in events:
+            per_user[e.user_id] = per_user.get(e.user_id, 0) + 1
+        for user, n in per_user.items():  # every event applied, none twice
+            assert int(client.hget(user_keys(user)[3], "events")) == n, user
+            weights = client.hgetall(user_keys(user)[0])
+            assert sum(float(w) for w in weights.values()) == 2.0 * n
+        logged = [f[b"event_id"].decode() for _, f in log_entries(client)]
+    assert sorted(logged) == sorted(e.event_id for e in events)  # each exactly once
+    reply = server.stub.Recommend(pb.RecommendRequest(user_id="fo-0", k=3))
+    assert not reply.degraded
 
 
 def test_wait_acks_only_what_a_replica_has(tmp_path):
