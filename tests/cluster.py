@@ -3,13 +3,30 @@ wheel's redis-server and redis-cli, on free loopback ports, in a temp dir."""
 
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from recsvc.store import die_with_parent, free_port, redis_server_binary
+from recsvc.store import die_with_parent, redis_server_binary
+
+
+def _port_pair() -> int:
+    """A free port p with p + 10000 (its cluster bus port) free too, both below
+    the kernel's ephemeral range (32768-): a killed node's ports cannot be taken
+    meanwhile by an outgoing connection, so it can restart on them."""
+    while True:
+        port = random.randint(10000, 22767)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
 
 
 class LocalCluster:
@@ -39,8 +56,8 @@ class LocalCluster:
     def start(self, timeout_s: float = 30.0) -> LocalCluster:
         cli = str(Path(redis_server_binary()).with_name("redis-cli"))
         while len(self.ports) < self.n_nodes:
-            port = free_port()
-            if port not in self.ports and port + 10000 < 65536:  # + the cluster bus port
+            port = _port_pair()
+            if port not in self.ports:
                 self.ports.append(port)
         try:
             for port in self.ports:
@@ -60,7 +77,7 @@ class LocalCluster:
             raise
         return self
 
-    def _launch(self, port: int) -> None:
+    def _launch(self, port: int, tie_to_parent: bool = True) -> None:
         node_dir = self.root / str(port)
         node_dir.mkdir(parents=True, exist_ok=True)
         self.processes[port] = subprocess.Popen(
@@ -78,13 +95,17 @@ class LocalCluster:
             ],  # fmt: skip
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent if tie_to_parent else None,
         )
 
     def restart(self, port: int) -> None:
-        """Start a killed node again on its data: it rejoins as a replica."""
-        self._launch(port)
-        self._wait_ping(port, 10)
+        """Start a killed node again on its data: it rejoins as a replica.
+
+        Without ``die_with_parent``: Python code run between fork and exec
+        (``preexec_fn``) can hang the child while other threads (a gRPC server
+        under load) hold locks; ``stop()`` still ends it."""
+        self._launch(port, tie_to_parent=False)
+        self._wait_ping(port, 20)
 
     def _wait_ping(self, port: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -8,8 +8,9 @@ alone: otherwise one malformed event degrades the service for every client.
 * :class:`StoreUnavailable`: the connection or the server is not usable right
   now (refused, reset, timed out, protocol garbage, ``LOADING``, ``READONLY``
   after a failover, ``MASTERDOWN``, ``BUSY`` with a long script, ``MISCONF``
-  when it cannot persist, ``TRYAGAIN``, ``CLUSTERDOWN``, auth). Retrying later
-  is the right thing for the caller.
+  when it cannot persist, ``TRYAGAIN``, ``CLUSTERDOWN``, auth; #12: ``UNBLOCKED``
+  when a primary waiting in ``WAIT`` is demoted, no reachable cluster node).
+  Retrying later is the right thing for the caller.
 * :class:`StoreFull`: Redis is out of memory (``OOM``): writes fail, reads work.
 * :class:`StoreRequestError`: anything else (a script or command error): this
   request failed; the store is fine. ``invalid`` is set when our own script
@@ -54,7 +55,7 @@ UNAVAILABLE_CLASSES = (
 )  # fmt: skip
 UNAVAILABLE_CODES = re.compile(
     r"\b(LOADING|READONLY|MASTERDOWN|BUSY|MISCONF|TRYAGAIN|CLUSTERDOWN|NOREPLICAS|NOAUTH"
-    r"|WRONGPASS|NOPERM|MOVED|ASK)\b"
+    r"|WRONGPASS|NOPERM|MOVED|ASK|UNBLOCKED)\b"
 )
 OOM = re.compile(r"\bOOM\b")
 INVALID_PREFIX = "RECSVC_INVALID"

@@ -324,9 +324,13 @@ class UserStore:
                 await self.client.initialize()  # the slot map, for WAIT's nodes
             try:
                 replies, other_caches = await self._run_apply(calls, now_ms)
-            except NoScriptError:  # Redis restarted and lost its script cache
+            except NoScriptError:  # Redis restarted (a replica was promoted) without it
+                await self._rediscover()
                 await self.client.script_load(APPLY_EVENTS_LUA)
-                replies, other_caches = await self._run_apply(calls, now_ms)
+                try:
+                    replies, other_caches = await self._run_apply(calls, now_ms)
+                except NoScriptError as exc:  # the topology moved under the reload
+                    raise StoreUnavailable(f"NOSCRIPT after reloading the script: {exc}") from exc
         except (StoreUnavailable, *UNAVAILABLE_CLASSES):
             await self._rediscover()
             raise
