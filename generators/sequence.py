@@ -287,9 +287,12 @@ def train_sasrec(
     n_batches = -(-len(train) // cfg.batch_size)
 
     def budget_used(step: int) -> float:
+        # whichever bound ends training first sets the schedule: the epochs (then it is
+        # deterministic) or the wall-clock budget (then it depends on the machine's speed)
+        used = step / (cfg.max_epochs * n_batches)
         if max_seconds:
-            return min((time.perf_counter() - started) / max_seconds, 1.0)
-        return min(step / (cfg.max_epochs * n_batches), 1.0)
+            used = max(used, (time.perf_counter() - started) / max_seconds)
+        return min(used, 1.0)
 
     step = 0
     epoch = 0
