@@ -240,6 +240,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_redis_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where an offline command finds the Redis that a server used."""
+    parser.add_argument("--redis-url", help="Redis URL; unset: the embedded Redis of --data-dir")
+    parser.add_argument("--data-dir", type=Path, help="embedded Redis data directory")
+    parser.add_argument(
+        "--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -438,15 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         "export-feedback", help="write the feedback log not yet exported to a CSV for training"
     )
     export.add_argument("--out", required=True, type=Path, help="CSV file to write")
-    export.add_argument("--redis-url", help="Redis URL; unset: the embedded Redis of --data-dir")
-    export.add_argument("--data-dir", type=Path, help="embedded Redis data directory")
+    _add_redis_arguments(export)
     export.add_argument(
         "--no-trim",
         action="store_true",
         help="keep exported entries in the stream (default: trim them)",
-    )
-    export.add_argument(
-        "--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node"
     )
     export.set_defaults(func=cmd_export_feedback)
 
@@ -454,8 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report", help="per-variant impressions, CTR and conversions from the online logs"
     )
-    report.add_argument("--redis-url", help="Redis URL; unset: the embedded Redis of --data-dir")
-    report.add_argument("--data-dir", type=Path, help="embedded Redis data directory")
+    _add_redis_arguments(report)
     report.add_argument(
         "--feedback", type=Path, action="append",
         help="also read exported feedback (CSV of export-feedback); repeat for several",
@@ -473,20 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument("--plot", type=Path, help="write CTR over time per variant to this PNG")
-    report.add_argument(
-        "--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node"
-    )
     report.set_defaults(func=cmd_report)
 
     # #12: format v1 -> v2
     migrate = sub.add_parser(
         "migrate", help="move format v1 user state and feedback log to format v2"
     )
-    migrate.add_argument("--redis-url", help="Redis URL; unset: the embedded Redis of --data-dir")
-    migrate.add_argument("--data-dir", type=Path, help="embedded Redis data directory")
-    migrate.add_argument(
-        "--redis-cluster", action="store_true", help="--redis-url is a Redis Cluster node"
-    )
+    _add_redis_arguments(migrate)
     migrate.set_defaults(func=cmd_migrate)
     return parser
 
