@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--knn-search-seconds",
         type=float,
-        default=120.0,
+        default=90.0,
         help="time budget for choosing the kNN's normalisation on the validation split, "
         "starting from the values found on Gowalla (0: keep those)",
     )
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--generator-minutes",
         type=float,
-        default=11.0,
+        default=10.0,
         help="stop generator training after this long (0: no limit)",
     )
     train.add_argument("--generator-hidden", type=int, help="default: generators.train.DEFAULTS")
