@@ -90,8 +90,7 @@ def tune_mixture(
         lowranks = {r: LowRankScorer(item_factors, degree, r) for r in ranks}
     base = RankingPipeline(knn, popularity, [knn], {"knn": 1.0}, n_candidates, n_popular)
 
-    components: dict[str, list[np.ndarray]] = {}
-    raw: dict[str, list[np.ndarray]] = {}  # before normalisation, for fewer candidates
+    raw: dict[str, list[np.ndarray]] = {}  # before normalisation (fewer candidates renormalise)
     how: dict[str, str] = {}
     relevant_rows, candidate_rows, usable_rows = [], [], []
     for start in range(0, len(users), 1024):
@@ -106,24 +105,21 @@ def tune_mixture(
         if sequence is not None:
             scorers.append(("sequence", sequence))
         for name, scorer in scorers:
-            raw_scores = scorer.score(batch, candidates)
-            raw.setdefault(name, []).append(raw_scores)
+            raw.setdefault(name, []).append(scorer.score(batch, candidates))
             how[name] = scorer.normalise
-            components.setdefault(name, []).append(
-                normalise_usable(raw_scores, scorer.normalise, usable)
-            )
         held = [valid[u] for u in chunk.tolist()]
         relevant_rows.append(
             np.array([np.isin(c, h) for c, h in zip(candidates, held, strict=True)])
         )
         candidate_rows.append(candidates)
         usable_rows.append(usable)
-    comp = {name: np.concatenate(parts) for name, parts in components.items()}
     candidates = np.concatenate(candidate_rows)
     usable = np.concatenate(usable_rows)
     relevant = np.concatenate(relevant_rows) & usable
     n_relevant = np.array([len(valid[u]) for u in users.tolist()])
     tie_break = base._tie_break[candidates]
+    raw_scores = {name: np.concatenate(parts) for name, parts in raw.items()}
+    comp = {name: normalise_usable(r, how[name], usable) for name, r in raw_scores.items()}
 
     def evaluate(weights: dict[str, float]) -> dict:
         mixed = tie_break.copy()
@@ -154,7 +150,6 @@ def tune_mixture(
         results.append((evaluate(weights), rank, weights))
     results.sort(key=lambda r: -r[0]["ndcg"])
     best_metrics, best_rank, best_weights = results[0]
-    raw_scores = {name: np.concatenate(parts) for name, parts in raw.items()}
     head = np.zeros(base.n_items, dtype=bool)
     head[base._popular_head] = True
     fewer = fewest_candidates(
