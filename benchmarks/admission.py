@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument(
         "--configs", default="64:0,64:16,64:64",
-        help="MAX_IN_FLIGHT:MAX_PENDING_CALLS pairs to compare with no admission (0:0)",
+        help="MAX_IN_FLIGHT:MAX_PENDING_CALLS[:MAX_QUEUE_MS] to compare with no admission (0:0)",
     )  # fmt: skip
     parser.add_argument("--shares", default="0.9,1.5", help="open-loop rates, x closed-loop max")
     parser.add_argument("--duration", type=float, default=10.0)
@@ -50,11 +50,11 @@ def main() -> None:
     try:
         for i, limit in enumerate(limits):
             port = str(free_port("127.0.0.1"))
-            in_flight, max_pending = limit.split(":")
+            in_flight, max_pending, *queue = limit.split(":")
             servers[limit] = (port, start(
                 [sys.executable, "-m", "recsvc.cli", "serve", "--model", str(args.model),
                  "--port", port, "--host", "127.0.0.1", "--data-dir", str(work / f"data{i}"),
-                 "--max-in-flight", in_flight],
+                 "--max-in-flight", in_flight, "--max-queue-ms", (queue or ["0"])[0]],
                 work / f"serve{i}.log", "serving on port",
                 {**env, "RECSVC_MAX_PENDING_CALLS": max_pending},
             ))  # fmt: skip

@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("auth_tokens_file", args.auth_tokens),
             ("max_in_flight", args.max_in_flight),
             ("max_pending_calls", args.max_pending_calls),
+            ("max_queue_ms", args.max_queue_ms),
             ("redis_cluster", args.redis_cluster),
             ("redis_wait_replicas", args.redis_wait_replicas),
         )
@@ -164,6 +165,7 @@ def strategy_scores(model, strategy: str, generator_weight):  # type: ignore[no-
             pipeline = pipeline.with_weights(generator_weight)
         elif generator_weight is not None:
             pipeline = pipeline.with_generator_weight(generator_weight)
+
         def batch_of(users: np.ndarray) -> UserBatch:
             batch = UserBatch(train[users])
             batch.cache["users"] = users  # the sequence member reads its users' tails (#11)
@@ -227,8 +229,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model_version": model.model_version,
         "strategy": strategy,
         **({"blend_weight": weight} if strategy == "blend" and isinstance(weight, float) else {}),
-        **({"mixture": weight or model.pipeline.weights}
-           if strategy == "blend" and not isinstance(weight, float) else {}),  # fmt: skip
+        **(
+            {"mixture": weight or model.pipeline.weights}
+            if strategy == "blend" and not isinstance(weight, float)
+            else {}
+        ),  # fmt: skip
         "k": args.k,
         f"recall@{args.k}": round(metrics["recall"], 4),
         f"ndcg@{args.k}": round(metrics["ndcg"], 4),
@@ -395,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="unary calls in progress per process before new ones get RESOURCE_EXHAUSTED "
         "(0: no limit) [RECSVC_MAX_IN_FLIGHT=64]",
+    )
+    serve.add_argument(
+        "--max-queue-ms",
+        type=float,
+        help="refuse unary calls with RESOURCE_EXHAUSTED while the server has been busy "
+        "without a pause for this long (0: never) [RECSVC_MAX_QUEUE_MS=0]",
     )
     serve.add_argument(
         "--max-pending-calls",

@@ -158,7 +158,9 @@ class Settings(BaseSettings):
         "(and counted), never waited for",
     )  # fmt: skip
     impression_flush_s: float = Field(
-        0.25, gt=0, le=10,
+        0.25,
+        gt=0,
+        le=10,
         description="longest an impression waits before its batch is written (each write has a "
         "fixed cost, ~0.5 ms of CPU on a loaded machine: fewer, larger batches cost less)",
     )
@@ -197,6 +199,12 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         64, ge=0, description="calls in progress per serving process beyond which new ones "
         "are refused at once with RESOURCE_EXHAUSTED (0: no limit)",
+    )  # fmt: skip
+    max_queue_ms: float = Field(
+        0.0, ge=0, description="refuse unary calls with RESOURCE_EXHAUSTED while the event "
+        "loop has been busy without a pause for longer than this (CPU overload: the backlog "
+        "waits in gRPC's core) (0: never). Bounds the admitted calls' latency, at a cost in "
+        "calls served: a refusal costs about half a served call (BENCHMARKS.md)",
     )  # fmt: skip
     max_pending_calls: int = Field(
         0, ge=0, description="calls gRPC's core may hold before Python takes them; beyond "

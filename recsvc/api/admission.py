@@ -1,14 +1,27 @@
-"""Admission control: a bound on the unary calls in progress in this process.
+"""Admission control: refuse unary calls the process cannot serve in time.
 
-Past capacity grpc.aio keeps accepting calls, queues them on the event loop and
-sheds the oldest as CANCELLED while p99 grows to seconds. Here a call that
-would be the ``limit + 1``-th in progress is refused at once, before any
-servicer code runs, with RESOURCE_EXHAUSTED and a retry hint in its trailing
-metadata: ``retry-after-ms`` and ``grpc-retry-pushback-ms`` (which gRPC's own
-retry policy honours). A call counts from the moment its handler task starts
-(it has been accepted from the transport) until that task ends, however it
-ends, so a cancelled call cannot leak a slot. Feedback streams are not
-counted: they are long-lived and flow control already paces them.
+Past capacity grpc.aio keeps accepting calls and p99 grows to seconds. Two
+signals refuse a call at once, before any servicer code runs, with
+RESOURCE_EXHAUSTED and a retry hint in its trailing metadata (``retry-after-ms``
+and ``grpc-retry-pushback-ms``, which gRPC's own retry policy honours):
+
+- **calls in progress** beyond ``max_in_flight``: fires when calls wait inside
+  the server (a slow Redis). A call counts from the moment its handler task
+  starts until that task ends, however it ends, so a cancelled call cannot leak
+  a slot.
+- **a saturated event loop** (``max_queue_ms``): under CPU overload the backlog
+  is not in Python at all. grpc.aio asks its core for one call per method at a
+  time, so the calls Python holds stay few while the rest wait in core, unseen.
+  But a backlog in core means the loop never runs out of work: while it has
+  been busy without a single pause for longer than ``max_queue_ms``, calls are
+  refused. A refusal costs a small fraction of a served call, so the loop soon
+  catches up, pauses, and admits again; the calls it admits waited in core at
+  most about that long. Busy time is the loop thread's CPU time plus its time
+  waiting for a CPU (``/proc/thread-self/schedstat``), so a machine short of
+  cores reads as busy, not idle.
+
+Feedback streams are not counted: they are long-lived and flow control already
+paces them. Operator calls (ReloadModel, GetModelInfo) are never refused.
 """
 
 from __future__ import annotations
@@ -16,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -27,17 +42,62 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_KEY = "retry-after-ms"
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # read by gRPC clients' retry policies
 SMOOTHING = 0.05  # weight of the newest call in the mean duration
+IDLE_NS = 300_000  # a gap between two calls with this much idle time in it is a pause
+OPERATOR_METHODS = frozenset({"ReloadModel", "GetModelInfo"})
+
+
+class LoopBusy:
+    """How long the calling thread (the event loop's) has been busy without a
+    pause, sampled at each call: between two samples the thread either worked
+    (on a CPU, or waiting for one) or slept in its poller, which it does only
+    when it has nothing to do."""
+
+    def __init__(self) -> None:
+        self._schedstat: int | None = None
+        self._opened = False
+        self._last_wall = 0
+        self._last_busy = 0
+        self.streak_start = 0
+
+    def _busy_ns(self) -> int:
+        if not self._opened:  # on the loop thread: /proc/thread-self names this thread
+            self._opened = True
+            try:
+                self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            except OSError:  # not Linux: CPU time alone (waiting for a CPU reads as idle)
+                self._schedstat = None
+        waited = 0
+        if self._schedstat is not None:
+            try:
+                waited = int(os.pread(self._schedstat, 64, 0).split()[1])
+            except (OSError, IndexError, ValueError):
+                waited = 0
+        return time.thread_time_ns() + waited
+
+    def busy_for_ms(self) -> float:
+        """Milliseconds since the thread last paused (0 when it just did)."""
+        wall = time.monotonic_ns()
+        busy = self._busy_ns()
+        if (wall - self._last_wall) - (busy - self._last_busy) > IDLE_NS:
+            self.streak_start = wall
+        self._last_wall, self._last_busy = wall, busy
+        return (wall - self.streak_start) / 1e6
 
 
 class Admission(grpc.aio.ServerInterceptor):
-    """Refuses unary calls to ``service`` beyond ``limit`` in progress."""
+    """Refuses unary calls to ``service`` beyond ``limit`` in progress (0: no
+    bound), or while the event loop has been busy for over ``max_queue_ms``
+    without a pause (0: never)."""
 
-    def __init__(self, limit: int, service: str):
+    def __init__(self, limit: int, service: str, max_queue_ms: float = 0.0):
         self.limit = limit
         self.service = service
+        self.max_queue_ms = max_queue_ms
+        self.loop_busy = LoopBusy()
         self.in_flight = 0
         self.admitted = 0
         self.refused = 0
+        self.refused_saturated = 0
         self.mean_ms = 1.0  # mean duration of admitted calls, smoothed
 
     def retry_after_ms(self) -> int:
@@ -51,18 +111,25 @@ class Admission(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         service, method = method_name(details)
-        if handler is None or service != self.service or handler.request_streaming:
+        if (
+            handler is None or service != self.service or handler.request_streaming
+            or method in OPERATOR_METHODS
+        ):  # fmt: skip
             return handler
-        if self.in_flight >= self.limit:
+        if self.limit and self.in_flight >= self.limit:
             self.refused += 1
-            retry_ms = str(self.retry_after_ms())
-            return refusal(
-                handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server at capacity ({self.in_flight} calls in progress, max_in_flight "
-                f"{self.limit}): {method} refused before any work; retry after {retry_ms} ms "
-                "with back-off (trailing metadata retry-after-ms)",
-                ((RETRY_AFTER_KEY, retry_ms), (PUSHBACK_KEY, retry_ms)),
-            )  # fmt: skip
+            return self._refuse(
+                handler, method, f"{self.in_flight} calls in progress, max_in_flight {self.limit}"
+            )
+        if self.max_queue_ms:
+            busy_ms = self.loop_busy.busy_for_ms()
+            if busy_ms > self.max_queue_ms:
+                self.refused += 1
+                self.refused_saturated += 1
+                return self._refuse(
+                    handler, method, f"CPU saturated: busy without a pause for {busy_ms:.0f} ms, "
+                    f"max_queue_ms {self.max_queue_ms:g}",
+                )  # fmt: skip
         task = asyncio.current_task()
         if task is None:  # not in a handler task (never in grpc.aio): do not count it
             return handler
@@ -79,13 +146,26 @@ class Admission(grpc.aio.ServerInterceptor):
         task.add_done_callback(done)
         return handler
 
+    def _refuse(
+        self, handler: grpc.RpcMethodHandler, method: str, why: str
+    ) -> grpc.RpcMethodHandler:
+        retry_ms = str(max(self.retry_after_ms(), math.ceil(self.max_queue_ms / 2)))
+        return refusal(
+            handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server at capacity ({why}): {method} refused before any work; retry after "
+            f"{retry_ms} ms with back-off (trailing metadata retry-after-ms)",
+            ((RETRY_AFTER_KEY, retry_ms), (PUSHBACK_KEY, retry_ms)),
+        )  # fmt: skip
 
-def admission_interceptors(limit: int, service: str) -> list[grpc.aio.ServerInterceptor]:
-    """The admission interceptor for ``limit`` calls in progress; none when 0."""
-    if limit <= 0:
+
+def admission_interceptors(
+    limit: int, service: str, max_queue_ms: float = 0.0
+) -> list[grpc.aio.ServerInterceptor]:
+    """The admission interceptor; none when both bounds are 0."""
+    if limit <= 0 and max_queue_ms <= 0:
         return []
-    log.info("admission control", extra={"max_in_flight": limit})
-    return [Admission(limit, service)]
+    log.info("admission control", extra={"max_in_flight": limit, "max_queue_ms": max_queue_ms})
+    return [Admission(limit, service, max_queue_ms)]
 
 
 def admission_options(max_pending: int) -> list[tuple[str, int]]:

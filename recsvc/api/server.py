@@ -46,7 +46,7 @@ def build_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     takes an admission slot. Another interceptor joins by adding to this list."""
     return [
         *auth_interceptors(settings.auth_tokens_file, settings.host, SERVICE_NAME),
-        *admission_interceptors(settings.max_in_flight, SERVICE_NAME),
+        *admission_interceptors(settings.max_in_flight, SERVICE_NAME, settings.max_queue_ms),
     ]
 
 

@@ -83,9 +83,11 @@ def normalise(scores: np.ndarray, how: str) -> np.ndarray:
     if how == "none":
         return scores
     if how == "softmax":
-        shifted = scores - scores.max(axis=1, keepdims=True)
-        probs = np.exp(shifted)
-        return probs / probs.sum(axis=1, keepdims=True)
+        top = scores.max(axis=1, keepdims=True)
+        # a row whose candidates are all filtered out (-inf) stays all zero, not NaN
+        probs = np.exp(scores - np.where(np.isfinite(top), top, 0.0))
+        totals = probs.sum(axis=1, keepdims=True)
+        return np.divide(probs, totals, out=np.zeros_like(probs), where=totals > 0)
     if how == "sum":
         positive = np.maximum(scores, 0.0)
         totals = positive.sum(axis=1, keepdims=True)
