@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mix",
         default=DEFAULT_MIX,
-        help=f"call types and weights: recommend, similar, feedback, user_state "
+        help=f"call types and weights: recommend, similar, feedback, user_state, generate "
         f"(default {DEFAULT_MIX})",
     )
     p.add_argument("--k", type=int, default=20, help="k for Recommend/SimilarItems")

@@ -59,6 +59,7 @@ KIND_ALIASES = {
     "state": "user_state",
     "get_user_state": "user_state",
     "getuserstate": "user_state",
+    "generate": "generate",
 }
 
 # A realistic funnel: most events are views, few are purchases.
@@ -82,7 +83,7 @@ def parse_mix(spec: str) -> dict[str, float]:
         if kind is None:
             raise UsageError(
                 f"unknown call type {name!r} in --mix "
-                "(use recommend, similar, feedback, user_state)"
+                "(use recommend, similar, feedback, user_state, generate)"
             )
         try:
             weight = float(w) if sep else 1.0
@@ -184,8 +185,14 @@ class RequestFactory:
     def user_state(self, stub):
         return stub.GetUserState, pb.GetUserStateRequest(user_id=self.users.next())
 
+    def generate(self, stub):
+        """Generate n = k items (at most 100), default settings, a fixed seed."""
+        request = pb.GenerateRequest(user_id=self.users.next(), n=min(self.k, 100), seed=1)
+        return stub.Generate, request
+
     def builders(self) -> dict:
         return {
+            "generate": self.generate,
             "recommend": self.recommend,
             "similar": self.similar,
             "feedback": self.feedback,

@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-in-flight",
         type=int,
         help="unary calls in progress per process before new ones get RESOURCE_EXHAUSTED "
-        "(0: no limit) [RECSVC_MAX_IN_FLIGHT=64]",
+        "(0: no limit) [RECSVC_MAX_IN_FLIGHT=256]",
     )
     serve.add_argument(
         "--max-queue-ms",

@@ -197,8 +197,10 @@ class Settings(BaseSettings):
         None, description="PEM CA bundle: require client certificates it signed (mutual TLS)"
     )
     max_in_flight: int = Field(
-        64, ge=0, description="calls in progress per serving process beyond which new ones "
-        "are refused at once with RESOURCE_EXHAUSTED (0: no limit)",
+        256, ge=0, description="calls in progress per serving process beyond which new ones "
+        "are refused at once with RESOURCE_EXHAUSTED (0: no limit). Sized so that a Redis "
+        "stall of ~150 ms (an fsync during an AOF rewrite) at the capacity of ~1,500 calls/s "
+        "is waited out, not refused (BENCHMARKS.md, soak)",
     )  # fmt: skip
     max_queue_ms: float = Field(
         0.0, ge=0, description="refuse unary calls with RESOURCE_EXHAUSTED while the event "

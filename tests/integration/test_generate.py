@@ -244,3 +244,19 @@ def test_topic_shortfall_and_session_context_over_grpc(gen_server):
         generate(gen_server, "u1", n=2, context_attributes=["no-such-thing"])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown topic" in info.value.details()
+
+
+def test_the_load_client_generates(gen_server, generator_model_dir, tmp_path):
+    """`python -m loadtest run --mix generate=1` against a real generator server:
+    every call answered, none failed."""
+    import json
+
+    from loadtest.cli import main as loadtest_main
+
+    report = tmp_path / "r.json"
+    args = ["run", "--target", f"127.0.0.1:{gen_server.port}", "--duration", "1",
+            "--concurrency", "2", "--mix", "generate=0.5,recommend=0.5", "--k", "3",
+            "--users-from", str(generator_model_dir), "--quiet", "--report", str(report)]  # fmt: skip
+    assert loadtest_main(args) == 0
+    result = json.loads(report.read_text())
+    assert result["errors_by_code"] == {} and result["by_call"]["generate"]["requests"] > 0

@@ -104,6 +104,7 @@ def test_parse_mix():
         {"recommend": 0.8, "similar": 0.1, "feedback": 0.1}
     )
     assert parse_mix("recommend=2,state=2") == {"recommend": 0.5, "user_state": 0.5}
+    assert parse_mix("generate=1") == {"generate": 1.0}
     with pytest.raises(UsageError):
         parse_mix("recommend=1,bogus=1")
     with pytest.raises(UsageError):
