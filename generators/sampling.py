@@ -142,14 +142,28 @@ def _topn(values: np.ndarray, n: int) -> np.ndarray:
     return part[order].astype(np.int64)
 
 
+def gumbel(rng: np.random.Generator, size: int) -> np.ndarray:
+    """``size`` standard Gumbel draws, float32: ``-log(-log(U))`` of float32 uniforms,
+    in place. Over a 41k-item catalogue ~8x cheaper than ``rng.gumbel`` (float64),
+    which was the largest cost of a Generate call. ``U = 0`` (probability 2^-24 a
+    draw) gives -inf: that item is not drawn; the largest draw is ~16.6, which
+    ~41k draws exceed with probability ~2e-3 in all."""
+    u = rng.random(size, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        np.log(u, out=u)
+        np.negative(u, out=u)
+        np.log(u, out=u)
+    return np.negative(u, out=u)
+
+
 def _perturbed(logits: np.ndarray, temperature: float, seed: Any) -> np.ndarray:
     if temperature < 0 or not np.isfinite(temperature):
         raise ValueError("temperature must be >= 0")
-    logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
-        return logits.copy()
+        return np.array(logits, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    return logits / temperature + rng.gumbel(size=logits.shape[0])
+    scaled = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+    return scaled + gumbel(rng, scaled.shape[0])
 
 
 def top_items(

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from generators.sampling import gumbel
+
 TOPIC_STRENGTH = 2.0  # logits' standard deviations added to the topic's items
 WHY_WINDOW = 10  # the recent items a step's "why" is chosen among
 WHY_ITEMS = 3
@@ -78,7 +80,7 @@ def continue_sequence(
         logits = np.where(allowed, logits / temperature, -np.inf)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        item = int(np.argmax(np.where(allowed, logits + rng.gumbel(size=len(logits)), -np.inf)))
+        item = int(np.argmax(np.where(allowed, logits + gumbel(rng, len(logits)), -np.inf)))
         recent = sequence[-WHY_WINDOW:]
         why = recent[np.argsort(-(unit[recent] @ unit[item]), kind="stable")][:WHY_ITEMS]
         steps.append(Step(item, float(probs[item]), list(dict.fromkeys(why.tolist()))))

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from generators.io import load_generator
-from generators.sampling import sample_items
+from generators.sampling import gumbel, sample_items
 from generators.vae import EncoderState, GeneratorRuntime, encode_full, latent_from_state
 from recsvc.data import IdMap
 from recsvc.errors import InvalidArgument
@@ -317,7 +317,7 @@ class GeneratorModel:
         P, affinity = state.facet, state.affinity
         logits = state.logits.astype(np.float64)
         rng = np.random.default_rng(seed)
-        score = logits / temperature + rng.gumbel(size=len(logits))
+        score = logits / temperature + gumbel(rng, len(logits))
         score[banned] = -np.inf
         shortfall = ""
         if topic_attrs is not None:
@@ -452,19 +452,25 @@ class GeneratorModel:
             diversity=diversity, return_scores=True, logits=user_logits,
         )  # fmt: skip
         results = []
+        is_banned = np.zeros(similarity.shape[0], dtype=bool)  # masks: no per-item np.isin
+        is_banned[banned] = True
+        is_history = np.zeros(similarity.shape[0], dtype=bool)
+        is_history[history] = True
         for item, logit in zip(
             picked.tolist(), np.asarray(logits, dtype=float).tolist(), strict=True
         ):
             start, end = similarity.indptr[item], similarity.indptr[item + 1]
-            cols, values = similarity.indices[start:end], similarity.data[start:end]
-            keep = ~np.isin(cols, banned)
-            cols, values = cols[keep], values[keep]
+            row, row_values = similarity.indices[start:end], similarity.data[start:end]
+            keep = ~is_banned[row]
+            cols, values = row[keep], row_values[keep]
             order = np.argsort(-values, kind="stable")[: neighbours - 1]
             nearest = [(item, logit)] + list(
                 zip(cols[order].tolist(), values[order].tolist(), strict=True)
             )
-            in_history = np.isin(cols, history) if len(history) else np.zeros(0, dtype=bool)
-            why = cols[in_history][np.argsort(-values[in_history], kind="stable")][:3]
+            # why: the history items most like it (the unfiltered row: history is banned)
+            in_history = is_history[row]
+            liked = row[in_history]
+            why = liked[np.argsort(-row_values[in_history], kind="stable")][:3]
             results.append(Generated([], nearest, [], why.tolist()))
         return results
 
@@ -505,17 +511,21 @@ def _calibrated_subset(
     has the smallest KL divergence from ``target`` (Steck 2018's calibration
     measure, ``alpha`` its smoothing), in the pool's order among equals."""
     rows = split[pool] if isinstance(split, np.ndarray) else split[pool].toarray()
-    chosen: list[int] = []
-    total = np.zeros(split.shape[1])
-    free = np.ones(len(pool), dtype=bool)
     support = target > 0
+    rows = rows[:, support]  # only the target's support enters the divergence
     p = target[support]
-    for _ in range(min(n, len(pool))):
-        q = (total[None, support] + rows[:, support]) / (len(chosen) + 1)
-        kl = (p * np.log(p / ((1 - alpha) * q + alpha * p))).sum(axis=1)
-        kl[~free] = np.inf
-        best = int(np.argmin(kl))
+    smoothing = alpha * p
+    chosen: list[int] = []
+    total = np.zeros(len(p))
+    taken = np.zeros(len(pool), dtype=bool)
+    for step in range(min(n, len(pool))):
+        # KL(p || mix) = sum p log p - sum p log mix: the first term is the same for
+        # every candidate, so the smallest KL is the largest p . log(mix)
+        mix = (total + rows) * ((1 - alpha) / (step + 1)) + smoothing
+        fit = np.log(mix) @ p
+        fit[taken] = -np.inf
+        best = int(np.argmax(fit))
         chosen.append(best)
-        free[best] = False
+        taken[best] = True
         total += rows[best]
     return pool[np.asarray(chosen, dtype=np.int64)]
