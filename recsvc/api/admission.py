@@ -26,16 +26,14 @@ paces them. Operator calls (ReloadModel, GetModelInfo) are never refused.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
-
-from recsvc.api.interceptors import method_name, refusal
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +42,7 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"  # read by gRPC clients' retry policies
 SMOOTHING = 0.05  # weight of the newest call in the mean duration
 IDLE_NS = 300_000  # a gap between two calls with this much idle time in it is a pause
 OPERATOR_METHODS = frozenset({"ReloadModel", "GetModelInfo"})
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 class LoopBusy:
@@ -84,14 +83,13 @@ class LoopBusy:
         return (wall - self.streak_start) / 1e6
 
 
-class Admission(grpc.aio.ServerInterceptor):
-    """Refuses unary calls to ``service`` beyond ``limit`` in progress (0: no
-    bound), or while the event loop has been busy for over ``max_queue_ms``
-    without a pause (0: never)."""
+class Admission:
+    """Refuses unary calls beyond ``limit`` in progress (0: no bound), or while
+    the event loop has been busy for over ``max_queue_ms`` without a pause (0:
+    never). :meth:`guard` puts a servicer method behind it."""
 
-    def __init__(self, limit: int, service: str, max_queue_ms: float = 0.0):
+    def __init__(self, limit: int, max_queue_ms: float = 0.0):
         self.limit = limit
-        self.service = service
         self.max_queue_ms = max_queue_ms
         self.loop_busy = LoopBusy()
         self.in_flight = 0
@@ -104,68 +102,58 @@ class Admission(grpc.aio.ServerInterceptor):
         """About when a slot frees: a call's mean time in the server."""
         return max(1, math.ceil(self.mean_ms))
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        service, method = method_name(details)
-        if (
-            handler is None or service != self.service or handler.request_streaming
-            or method in OPERATOR_METHODS
-        ):  # fmt: skip
-            return handler
+    def refusal(self, method: str) -> tuple[str, str] | None:
+        """Why ``method`` is refused now, and the retry hint in ms; None: admitted."""
+        why = None
         if self.limit and self.in_flight >= self.limit:
-            self.refused += 1
-            return self._refuse(
-                handler, method, f"{self.in_flight} calls in progress, max_in_flight {self.limit}"
-            )
-        if self.max_queue_ms:
+            why = f"{self.in_flight} calls in progress, max_in_flight {self.limit}"
+        elif self.max_queue_ms:
             busy_ms = self.loop_busy.busy_for_ms()
             if busy_ms > self.max_queue_ms:
-                self.refused += 1
                 self.refused_saturated += 1
-                return self._refuse(
-                    handler, method, f"CPU saturated: busy without a pause for {busy_ms:.0f} ms, "
-                    f"max_queue_ms {self.max_queue_ms:g}",
+                why = (f"CPU saturated: busy without a pause for {busy_ms:.0f} ms, "
+                       f"max_queue_ms {self.max_queue_ms:g}")  # fmt: skip
+        if why is None:
+            return None
+        self.refused += 1
+        return why, str(max(self.retry_after_ms(), math.ceil(self.max_queue_ms / 2)))
+
+    def guard(self, method: str, behaviour: Behaviour) -> Behaviour:
+        """``behaviour`` (a unary servicer method) behind this bound. A wrapper, not
+        a gRPC interceptor: grpc.aio's interceptor chain cost ~130 us of server CPU a
+        call under load (BENCHMARKS.md), this costs a function call."""
+        if method in OPERATOR_METHODS:
+            return behaviour
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            refused = self.refusal(method)
+            if refused is not None:
+                why, retry_ms = refused
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server at capacity ({why}): {method} refused before any work; retry "
+                    f"after {retry_ms} ms with back-off (trailing metadata retry-after-ms)",
+                    trailing_metadata=((RETRY_AFTER_KEY, retry_ms), (PUSHBACK_KEY, retry_ms)),
                 )  # fmt: skip
-        task = asyncio.current_task()
-        if task is None:  # not in a handler task (never in grpc.aio): do not count it
-            return handler
-        self.in_flight += 1
-        self.admitted += 1
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+            self.in_flight += 1
+            self.admitted += 1
+            started = time.perf_counter()
+            try:
+                return await behaviour(request, context)
+            finally:  # however it ends, cancelled included: no slot can leak
+                self.in_flight -= 1
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                self.mean_ms += SMOOTHING * (elapsed_ms - self.mean_ms)
 
-        def done(_task: object) -> None:
-            self.in_flight -= 1
-            elapsed_ms = (loop.time() - started) * 1000
-            self.mean_ms += SMOOTHING * (elapsed_ms - self.mean_ms)
-
-        task.add_done_callback(done)
-        return handler
-
-    def _refuse(
-        self, handler: grpc.RpcMethodHandler, method: str, why: str
-    ) -> grpc.RpcMethodHandler:
-        retry_ms = str(max(self.retry_after_ms(), math.ceil(self.max_queue_ms / 2)))
-        return refusal(
-            handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"server at capacity ({why}): {method} refused before any work; retry after "
-            f"{retry_ms} ms with back-off (trailing metadata retry-after-ms)",
-            ((RETRY_AFTER_KEY, retry_ms), (PUSHBACK_KEY, retry_ms)),
-        )  # fmt: skip
+        return guarded
 
 
-def admission_interceptors(
-    limit: int, service: str, max_queue_ms: float = 0.0
-) -> list[grpc.aio.ServerInterceptor]:
-    """The admission interceptor; none when both bounds are 0."""
+def admission(limit: int, max_queue_ms: float = 0.0) -> Admission | None:
+    """The admission bound; None when both limits are 0."""
     if limit <= 0 and max_queue_ms <= 0:
-        return []
+        return None
     log.info("admission control", extra={"max_in_flight": limit, "max_queue_ms": max_queue_ms})
-    return [Admission(limit, service, max_queue_ms)]
+    return Admission(limit, max_queue_ms)
 
 
 def admission_options(max_pending: int) -> list[tuple[str, int]]:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from threadpoolctl import threadpool_limits
 
 from recsvc.api import metrics as metrics_mod
-from recsvc.api.admission import admission_interceptors, admission_options
+from recsvc.api.admission import admission, admission_options
 from recsvc.api.auth import auth_interceptors
 from recsvc.api.reflection import enable_reflection
 from recsvc.api.servicer import RecommenderServicer, add_servicer
@@ -43,11 +43,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def build_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     """The server's interceptors, outermost first: a call is authorised before it
-    takes an admission slot. Another interceptor joins by adding to this list."""
-    return [
-        *auth_interceptors(settings.auth_tokens_file, settings.host, SERVICE_NAME),
-        *admission_interceptors(settings.max_in_flight, SERVICE_NAME, settings.max_queue_ms),
-    ]
+    reaches admission control (in the servicer's methods: :mod:`recsvc.api.admission`).
+    Another interceptor joins by adding to this list."""
+    return [*auth_interceptors(settings.auth_tokens_file, settings.host, SERVICE_NAME)]
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -136,7 +134,7 @@ class RecsvcServer:
         self.engine = Engine(model, store, settings)
         online = self._online(model, store)
 
-        interceptors = build_interceptors(settings)  # auth, admission (#14), metrics...
+        interceptors = build_interceptors(settings)  # auth (#14), metrics...
         if settings.metrics_port:
             self.metrics = metrics_mod.Metrics()
             interceptors.append(metrics_mod.MetricsInterceptor(self.metrics))
@@ -149,8 +147,9 @@ class RecsvcServer:
             ],
         )
         add_servicer(
-            RecommenderServicer(self.engine, settings, self.reload_model, online), server
-        )
+            RecommenderServicer(self.engine, settings, self.reload_model, online), server,
+            admission(settings.max_in_flight, settings.max_queue_ms),
+        )  # fmt: skip
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
         address = f"{settings.host}:{settings.port}"

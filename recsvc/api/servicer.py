@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from recsvc.api.admission import Admission
 from recsvc.config import Settings
 from recsvc.engine import (
     SOURCE_CF,
@@ -77,9 +78,12 @@ def _lenient_parser(message_class: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def add_servicer(servicer: RecommenderServicer, server: grpc.aio.Server) -> None:
+def add_servicer(
+    servicer: RecommenderServicer, server: grpc.aio.Server, admission: Admission | None = None
+) -> None:
     """Register ``servicer`` like the generated ``add_RecommenderServicer_to_server``,
-    but with parsers that turn an unparsable message into :class:`Malformed`."""
+    but with parsers that turn an unparsable message into :class:`Malformed`, and
+    its unary methods behind ``admission`` when given."""
     service = pb.DESCRIPTOR.services_by_name["Recommender"]
     handlers = {}
     for method in service.methods:
@@ -89,8 +93,11 @@ def add_servicer(servicer: RecommenderServicer, server: grpc.aio.Server) -> None
             make_handler = grpc.unary_unary_rpc_method_handler
         else:
             raise NotImplementedError(f"{method.full_name}: only unary and bidi calls are served")
+        behaviour = getattr(servicer, method.name)
+        if admission is not None and not method.client_streaming:
+            behaviour = admission.guard(method.name, behaviour)
         handlers[method.name] = make_handler(
-            getattr(servicer, method.name),
+            behaviour,
             request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
@@ -225,8 +232,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 pb.GeneratedItem(
                     content=[pb.Attribute(name=a, weight=w) for a, w in item.content],
                     nearest_items=[
-                        pb.ScoredItem(item_id=i, score=s, source=source)
-                        for i, s in item.nearest
+                        pb.ScoredItem(item_id=i, score=s, source=source) for i, s in item.nearest
                     ],
                     why_attributes=item.why_attributes,
                     why_history_item_ids=item.why_items,
