@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--feedback-batch", type=int, default=1, metavar="N", help="events per SendFeedback call"
     )
+    p.add_argument(
+        "--no-backoff",
+        action="store_true",
+        help="closed loop: resend at once after RESOURCE_EXHAUSTED (default: a worker "
+        "waits the server's retry-after-ms hint, at most 1 s, as a well-behaved client)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -371,6 +377,7 @@ def cmd_run(args) -> int:
         late_ms=args.late_ms,
         max_requests=args.max_requests,
         feedback_batch=args.feedback_batch,
+        backoff=not args.no_backoff,
         seed=args.seed,
         progress=not args.quiet,
     )

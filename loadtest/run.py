@@ -114,6 +114,7 @@ class RunConfig:
     late_ms: float = 10.0
     max_requests: int | None = None
     feedback_batch: int = 1
+    backoff: bool = True  # closed loop: wait retry-after-ms after RESOURCE_EXHAUSTED
     seed: int | None = None
     progress: bool = True
 
@@ -138,6 +139,16 @@ class RunConfig:
             raise UsageError("--on-cap must be wait or drop")
         if self.feedback_batch < 1:
             raise UsageError("--feedback-batch must be >= 1")
+
+
+def retry_after_s(exc: BaseException, cap_s: float = 1.0) -> float:
+    """The server's ``retry-after-ms`` trailer of a refused call, in seconds (at
+    most ``cap_s``); 0 when it sent none."""
+    try:
+        trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+        return min(cap_s, max(0.0, float(trailers.get("retry-after-ms", 0)) / 1000))
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
 
 
 class RequestFactory:
@@ -216,6 +227,7 @@ class LoadRun:
         self.rec: Recorder | None = None
         self.t_start = self.t_measure = self.t_end = 0.0
         self.issued = 0
+        self.backed_off_s = 0.0
         self.outstanding = 0
         self.unfinished = 0
         self.error_examples: dict[str, str] = {}  # first message per error name
@@ -258,6 +270,7 @@ class LoadRun:
             self.issued += 1
             t0 = pc()
             code = None
+            wait_s = 0.0
             try:
                 await method(req, timeout=timeout)
             except asyncio.CancelledError:
@@ -265,7 +278,12 @@ class LoadRun:
             except Exception as e:  # noqa: BLE001 - every failure is counted by name
                 code = error_name(e)
                 self._note_error(code, e)
+                if code == "RESOURCE_EXHAUSTED" and self.cfg.backoff:
+                    wait_s = retry_after_s(e)
             record(kind, t0, pc(), code)
+            if wait_s:
+                self.backed_off_s += wait_s
+                await asyncio.sleep(wait_s)
 
     async def _one(self, method, req, kind: str, intended: float, measured: bool) -> None:
         pc = time.perf_counter
@@ -463,7 +481,11 @@ class LoadRun:
             }
             report["hdr"]["send_lag"] = encode_hist(self.lag_hist)
         else:
-            report["closed_loop"] = {"concurrency": cfg.concurrency}
+            report["closed_loop"] = {
+                "concurrency": cfg.concurrency,
+                "backoff": cfg.backoff,
+                "backed_off_s": round(self.backed_off_s, 3),  # waited on retry-after-ms
+            }
         report["client"] = {
             **cpu.stop(rec.requests),
             "channels": cfg.channels,

@@ -253,3 +253,24 @@ def test_the_backlog_in_grpc_core_is_bounded(make_server):
             codes.append(exc.code())
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
     assert codes.count(grpc.StatusCode.OK) <= 8  # the bound, give or take calls taken early
+
+
+def test_the_load_client_backs_off_as_the_server_asks(make_server, tmp_path):
+    """A closed-loop worker refused with RESOURCE_EXHAUSTED waits the server's
+    retry-after-ms before its next call (the report says how long in all);
+    with --no-backoff it resends at once."""
+    server = make_server(max_in_flight=0, max_queue_ms=1)
+    report = tmp_path / "r.json"
+    args = ["run", "--target", f"127.0.0.1:{server.port}", "--duration", "2",
+            "--concurrency", "64", "--channels", "4", "--mix", "recommend=1",
+            "--zipf-users", "40", "--zipf-items", "16", "--quiet",
+            "--report", str(report)]  # fmt: skip
+    assert loadtest_main(args) == 0
+    result = json.loads(report.read_text())
+    refused = result["errors_by_code"].get("RESOURCE_EXHAUSTED", 0)
+    assert refused > 0 and set(result["errors_by_code"]) == {"RESOURCE_EXHAUSTED"}
+    assert result["ok"] > 0
+    assert result["closed_loop"]["backoff"] and result["closed_loop"]["backed_off_s"] > 0
+    assert loadtest_main([*args, "--no-backoff"]) == 0
+    result = json.loads(report.read_text())
+    assert not result["closed_loop"]["backoff"] and result["closed_loop"]["backed_off_s"] == 0
