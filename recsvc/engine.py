@@ -439,7 +439,7 @@ class Engine:
         self, model, user_id, n, topic, temperature, seed, diversity, exclude_item_ids
     ) -> Generation:
         """Generate's continuation of the user's sequence (#11)."""
-        from recsvc.continuation import continue_sequence, topic_items
+        from recsvc.generate.continuation import continue_sequence, topic_items
 
         if model.sequence is None:
             raise InvalidArgument(
@@ -601,7 +601,7 @@ class Engine:
     ) -> Generation:
         """``n`` generated items for a user (see :mod:`recsvc.generate`); ``model``
         and ``feedback`` as in :meth:`recommend`; with ``continuation``, the next ``n``
-        items of their sequence (:mod:`recsvc.continuation`)."""
+        items of their sequence (:mod:`recsvc.generate.continuation`)."""
         self._check_id("user_id", user_id)
         if not 1 <= n <= self.settings.max_generate:
             raise InvalidArgument(f"n must be between 1 and {self.settings.max_generate}, got {n}")
