@@ -31,6 +31,7 @@ import scipy.sparse as sp
 
 from recsvc.evaluate import ranking_metrics
 from recsvc.similarity import (
+    BLOCKED_ABOVE,
     TUNED_KNN,
     cooccurrence,
     reweight_neighbours,
@@ -91,6 +92,18 @@ def search_knn(
         return KnnChoice(params, nothing, nothing, complete=False)
 
     item_degree = np.bincount(fit_part.indices, minlength=fit_part.shape[1]).astype(np.float64)
+    # A large product is computed by blocks and pruned to what the (a, shrink) settings
+    # the search may try can keep. Past BLOCKED_ABOVE each setting costs a pass over
+    # every block and each alpha a new product, so there only the parameters that
+    # reweight the kept neighbours are searched; a, shrink and alpha keep their start.
+    order = ORDER
+    settings = [(a, shrink) for a in {*GRID["a"], params["a"]}
+                for shrink in {*GRID["shrink"], params["shrink"]}]  # fmt: skip
+    if float(np.square(np.diff(fit_part.indptr).astype(np.float64)).sum()) > BLOCKED_ABOVE:
+        order = tuple(n for n in ORDER if n not in ("a", "shrink", "alpha"))
+        settings = [(params["a"], params["shrink"])]
+        log.info("knn search: a large log; searching %s only", ", ".join(order))
+    keep = (neighbours, sorted(settings))
     cooc_of: dict[float, sp.csr_matrix] = {}  # one co-occurrence matrix in memory at a time
     cut_of: dict[tuple[float, float, float], sp.csr_matrix] = {}
 
@@ -99,7 +112,7 @@ def search_knn(
         if key not in cut_of:
             if p["alpha"] not in cooc_of:
                 cooc_of.clear()
-                cooc_of[p["alpha"]] = cooccurrence(fit_part, p["alpha"])[0]
+                cooc_of[p["alpha"]] = cooccurrence(fit_part, p["alpha"], keep=keep)[0]
             cut_of[key] = select_neighbours(
                 cooc_of[p["alpha"]], item_degree, neighbours, p["a"], p["shrink"]
             )
@@ -118,7 +131,7 @@ def search_knn(
     choice = KnnChoice(dict(params), best, dict(best))
     choice.tried.append({**_searched(params), **best})
     log.info("knn search: start %s -> %s", _searched(params), best)
-    for name in ORDER:
+    for name in order:
         for value in GRID[name]:
             if value == params[name]:
                 continue

@@ -55,3 +55,28 @@ def test_no_held_out_items_means_no_search():
     m = skewed_blocks()
     choice = search_knn(m, [np.empty(0, np.int64)] * m.shape[0], neighbours=10)
     assert choice.params == TUNED_KNN and len(choice.tried) == 0
+
+
+def test_a_large_log_searches_only_the_reweighting_and_fits_by_blocks(monkeypatch):
+    """Past BLOCKED_ABOVE the product is computed by pruned blocks, and the search
+    leaves a, shrink and alpha at their start (each would be another pass)."""
+    from recsvc import similarity
+    from recsvc.ranking import knn_search
+
+    monkeypatch.setattr(knn_search, "BLOCKED_ABOVE", 0)
+    monkeypatch.setattr(similarity, "BLOCKED_ABOVE", 0)
+    monkeypatch.setattr(similarity, "BLOCK_PRODUCTS", 2_000)
+    fit, valid = holdout_split(skewed_blocks(), 0.2, seed=1)
+    # weights in the log so that co-occurrences do not tie: which of exactly tied
+    # neighbours a cut keeps may differ between the whole product and the blocks
+    fit.data = np.random.default_rng(2).uniform(0.5, 1.5, fit.nnz).astype(np.float32)
+    choice = search_knn(fit, valid, neighbours=10, budget_s=60, n_users=10_000)
+    assert choice.complete and choice.metrics["ndcg"] >= choice.start_metrics["ndcg"]
+    for key in ("a", "shrink", "alpha"):
+        assert {t[key] for t in choice.tried} == {TUNED_KNN[key]}
+    assert len({t["power"] for t in choice.tried}) > 1
+    # the blocked, pruned fit gives what the whole product gives
+    blocked = validation_ndcg(fit, valid, choice.params)
+    monkeypatch.setattr(similarity, "BLOCKED_ABOVE", 10**18)
+    whole = validation_ndcg(fit, valid, choice.params)
+    assert blocked == whole
