@@ -93,9 +93,6 @@ class Admission:
         self.max_queue_ms = max_queue_ms
         self.loop_busy = LoopBusy()
         self.in_flight = 0
-        self.admitted = 0
-        self.refused = 0
-        self.refused_saturated = 0
         self.mean_ms = 1.0  # mean duration of admitted calls, smoothed
 
     def retry_after_ms(self) -> int:
@@ -110,12 +107,10 @@ class Admission:
         elif self.max_queue_ms:
             busy_ms = self.loop_busy.busy_for_ms()
             if busy_ms > self.max_queue_ms:
-                self.refused_saturated += 1
                 why = (f"CPU saturated: busy without a pause for {busy_ms:.0f} ms, "
                        f"max_queue_ms {self.max_queue_ms:g}")  # fmt: skip
         if why is None:
             return None
-        self.refused += 1
         return why, str(max(self.retry_after_ms(), math.ceil(self.max_queue_ms / 2)))
 
     def guard(self, method: str, behaviour: Behaviour) -> Behaviour:
@@ -136,7 +131,6 @@ class Admission:
                     trailing_metadata=((RETRY_AFTER_KEY, retry_ms), (PUSHBACK_KEY, retry_ms)),
                 )  # fmt: skip
             self.in_flight += 1
-            self.admitted += 1
             started = time.perf_counter()
             try:
                 return await behaviour(request, context)

@@ -33,11 +33,3 @@ def refusal(
 
     kind = next(k for k in _KINDS if getattr(handler, k) is not None)
     return handler._replace(**{kind: refuse})  # type: ignore[attr-defined,no-any-return]
-
-
-def wrap_behaviour(handler: grpc.RpcMethodHandler, wrap: Any) -> grpc.RpcMethodHandler:
-    """``handler`` with its behaviour function replaced by ``wrap(behaviour, streaming)``,
-    where ``streaming`` says whether the behaviour yields responses."""
-    kind = next(k for k in _KINDS if getattr(handler, k) is not None)
-    behaviour = getattr(handler, kind)
-    return handler._replace(**{kind: wrap(behaviour, handler.response_streaming)})  # type: ignore[attr-defined,no-any-return]
