@@ -105,6 +105,13 @@ BLOCKED_ABOVE = 400_000_000
 BLOCK_PRODUCTS = 40_000_000  # multiply-adds per block (bounds a block's entries)
 
 
+def is_large(user_items: sp.csr_matrix) -> bool:
+    """Is the co-occurrence product of this log past :data:`BLOCKED_ABOVE` (computed
+    by blocks and pruned when :func:`cooccurrence` is given ``keep``)?"""
+    user_degree = np.diff(sp.csr_matrix(user_items).indptr).astype(np.float64)
+    return float(np.square(user_degree).sum()) > BLOCKED_ABOVE
+
+
 def cooccurrence(
     user_items: sp.csr_matrix,
     alpha: float,
@@ -121,8 +128,7 @@ def cooccurrence(
     user_degree = np.diff(matrix.indptr).astype(np.float64)
     item_degree = np.bincount(matrix.indices, minlength=matrix.shape[1]).astype(np.float64)
     weighted = (sp.diags(_power(user_degree, -alpha).astype(np.float32)) @ matrix).tocsr()
-    products = float(np.square(user_degree).sum())
-    if keep is not None and products > BLOCKED_ABOVE:
+    if keep is not None and is_large(matrix):
         return _pruned_cooccurrence(weighted, user_degree, item_degree, *keep), item_degree
     cooc = (weighted.T @ weighted).tocsr()
     cooc.setdiag(0)

@@ -447,15 +447,16 @@ class GeneratorModel:
         self, user_logits, history, banned, n, temperature, seed, diversity, neighbours,
         similarity,
     ) -> list[Generated]:  # type: ignore[no-untyped-def]
+        # masks, built once: sample_items takes one as is, and the loop needs no np.isin
+        is_banned = np.zeros(self.runtime.n_items, dtype=bool)
+        is_banned[np.asarray(banned, dtype=np.int64)] = True
+        is_history = np.zeros(self.runtime.n_items, dtype=bool)
+        is_history[np.asarray(history, dtype=np.int64)] = True
         picked, logits = sample_items(
-            self.runtime, None, n, temperature=temperature, seed=seed, exclude=banned,
+            self.runtime, None, n, temperature=temperature, seed=seed, exclude=is_banned,
             diversity=diversity, return_scores=True, logits=user_logits,
         )  # fmt: skip
         results = []
-        is_banned = np.zeros(similarity.shape[0], dtype=bool)  # masks: no per-item np.isin
-        is_banned[banned] = True
-        is_history = np.zeros(similarity.shape[0], dtype=bool)
-        is_history[history] = True
         for item, logit in zip(
             picked.tolist(), np.asarray(logits, dtype=float).tolist(), strict=True
         ):

@@ -31,9 +31,9 @@ import scipy.sparse as sp
 
 from recsvc.evaluate import ranking_metrics
 from recsvc.similarity import (
-    BLOCKED_ABOVE,
     TUNED_KNN,
     cooccurrence,
+    is_large,
     reweight_neighbours,
     select_neighbours,
 )
@@ -99,7 +99,7 @@ def search_knn(
     order = ORDER
     settings = [(a, shrink) for a in {*GRID["a"], params["a"]}
                 for shrink in {*GRID["shrink"], params["shrink"]}]  # fmt: skip
-    if float(np.square(np.diff(fit_part.indptr).astype(np.float64)).sum()) > BLOCKED_ABOVE:
+    if is_large(fit_part):
         order = tuple(n for n in ORDER if n not in ("a", "shrink", "alpha"))
         settings = [(params["a"], params["shrink"])]
         log.info("knn search: a large log; searching %s only", ", ".join(order))

@@ -61,10 +61,8 @@ def test_a_large_log_searches_only_the_reweighting_and_fits_by_blocks(monkeypatc
     """Past BLOCKED_ABOVE the product is computed by pruned blocks, and the search
     leaves a, shrink and alpha at their start (each would be another pass)."""
     from recsvc import similarity
-    from recsvc.ranking import knn_search
 
-    monkeypatch.setattr(knn_search, "BLOCKED_ABOVE", 0)
-    monkeypatch.setattr(similarity, "BLOCKED_ABOVE", 0)
+    monkeypatch.setattr(similarity, "BLOCKED_ABOVE", 0)  # is_large reads it for both
     monkeypatch.setattr(similarity, "BLOCK_PRODUCTS", 2_000)
     fit, valid = holdout_split(skewed_blocks(), 0.2, seed=1)
     # weights in the log so that co-occurrences do not tie: which of exactly tied
