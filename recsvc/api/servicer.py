@@ -288,6 +288,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     index += 1
             except grpc.RpcError:
                 pass  # the client went away; what was read is still written and acked
+            except grpc.aio.AbortError:
+                pass  # the writer below aborted the call (e.g. UNAVAILABLE): its status stands
             except Exception as exc:  # never leave the writer below waiting for events
                 error_id = os.urandom(6).hex()
                 log.exception("reading a feedback stream failed (error id %s)", error_id)

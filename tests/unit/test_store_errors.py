@@ -29,6 +29,10 @@ from recsvc.store.errors import StoreFull, StoreRequestError, StoreUnavailable, 
         (ResponseError("MASTERDOWN Link with MASTER is down"), StoreUnavailable),
         (ResponseError("Error running script (call to f_1): @user_script:12: -READONLY You "
                        "can't write against a read only replica."), StoreUnavailable),
+        # (#12) WAIT sent to a node a failover just demoted: no code, only this text
+        (ResponseError("WAIT cannot be used with replica instances. Please also note that "
+                       "since Redis 4.0 if a replica is configured to be writable..."),
+         StoreUnavailable),
         (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), StoreFull),
         (ResponseError("Error running script: @user_script:1: -OOM command not allowed"),
          StoreFull),
