@@ -1,6 +1,7 @@
 """Helpers shared by the test modules (importable: pytest puts tests/ on sys.path)."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,18 @@ def start_serving(model, data_dir, log_path, *extra):
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(log_path.read_text())
+
+
+def stop_serving(proc, log_path, timeout_s=60):
+    """SIGTERM, then the exit code; on a hang, kill it and fail with its log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        text = log_path.read_text()
+        raise AssertionError(f"did not stop within {timeout_s} s:\n{text}") from None
 
 
 def redis_pid(data_dir):

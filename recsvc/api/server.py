@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import json
 import logging
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# after the grace period, how long a stopping process may take before it dumps its
+# threads' stacks and exits anyway
+SHUTDOWN_MARGIN_S = 15.0
 
 
 def build_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
@@ -336,8 +340,15 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     server = RecsvcServer(settings)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        # a shutdown that hangs (a stuck thread, a call that ignores cancellation)
+        # must not leave the process behind: dump every thread's stack, then exit
+        faulthandler.dump_traceback_later(settings.grace_s + SHUTDOWN_MARGIN_S, exit=True)
+        asyncio.ensure_future(server.stop())
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_quietly(server)))
     try:
         await server.start()
@@ -408,7 +419,7 @@ def serve_workers(settings: Settings) -> int:
             time.sleep(0.2)
     finally:
         forward(signal.SIGTERM, None)  # one worker died: stop the rest too
-        codes = [w.wait() for w in workers]
+        codes = [_reap(w, settings.grace_s + 2 * SHUTDOWN_MARGIN_S) for w in workers]
         if metrics_http is not None and metrics_dir is not None:
             metrics_http.shutdown()
             for worker in workers:
@@ -417,3 +428,14 @@ def serve_workers(settings: Settings) -> int:
             embedded.stop()
     # a worker still starting when we asked it to stop dies of the SIGTERM itself
     return max((abs(c) for c in codes if c != -signal.SIGTERM), default=0)
+
+
+def _reap(worker: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """The worker's exit code; SIGKILL (logged) if it has not exited within ``timeout_s``
+    (its own watchdog should have ended it well before)."""
+    try:
+        return worker.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        log.error("worker %d did not stop within %.0f s: killed", worker.pid, timeout_s)
+        worker.kill()
+        return worker.wait()

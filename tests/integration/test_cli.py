@@ -1,7 +1,6 @@
 """The real command line: train a bundle, serve it with the embedded Redis, stop it."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -9,7 +8,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import alive, redis_pid, start_serving
+from helpers import alive, redis_pid, start_serving, stop_serving
 
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -57,8 +56,7 @@ def test_train_then_serve_then_sigterm(tmp_path, clustered_csv):
         redis = redis_pid(data_dir)
         channel.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert stop_serving(proc, tmp_path / "serve.log") == 0
     assert "stopped" in (tmp_path / "serve.log").read_text()
     assert not alive(redis)
     assert (data_dir / "appendonly.aof").stat().st_size > 0
@@ -92,8 +90,7 @@ def test_killed_server_leaves_no_redis_and_restarts_with_its_data(tmp_path, mode
             )
         assert [e.item_id for e in state.history] == ["b1"] and state.event_count == 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop_serving(proc, tmp_path / "b.log")
 
 
 def test_several_workers_share_the_port_and_the_redis(tmp_path, model_dir):
@@ -129,8 +126,7 @@ def test_several_workers_share_the_port_and_the_redis(tmp_path, model_dir):
                 assert rec.personalized and "b1" not in [i.item_id for i in rec.items]
         redis = redis_pid(data_dir)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert stop_serving(proc, tmp_path / "w.log") == 0, (tmp_path / "w.log").read_text()
     assert not alive(redis) and not any(alive(p) for p in worker_pids)
 
 

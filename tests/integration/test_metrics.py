@@ -1,12 +1,11 @@
 """#13: Prometheus /metrics counts match the calls made (one process, and --workers 2)."""
 
 import shutil
-import signal
 import urllib.request
 
 import grpc
 import pytest
-from helpers import start_serving, wait_for
+from helpers import start_serving, stop_serving, wait_for
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -136,5 +135,4 @@ def test_metrics_add_up_over_workers(tmp_path, model_dir):
         assert sum(per_worker) == 25
         channel.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert stop_serving(proc, log) == 0, log.read_text()
