@@ -64,10 +64,29 @@ class SeqConfig:
     valid_users: int = 2048  # validation users sampled once (fewer: cheaper, noisier epochs)
     warmup: float = 0.02  # share of the budget with a linearly rising learning rate
     seed: int = 0
-    precision: str = "fp32"  # "fp32", "bf16", or "auto": bf16 where this CPU runs it faster
+    # the output layer's products in training (most of its arithmetic): "fp32", "bf16", or
+    # "auto" (bf16 where this CPU runs it at least 1.3x faster); the blocks stay float32
+    precision: str = "auto"
     # the softmax over the whole catalogue up to this many items; above it, over the target
     # and this many items drawn uniformly per batch (shared by all its positions)
-    full_softmax_max: int = 8192
+    full_softmax_max: int = 32768
+
+
+class _Dropout(nn.Module):
+    """Inverted dropout with a byte mask: ``p`` rounded to 1/256. ``nn.Dropout``'s
+    ``bernoulli_`` is the slowest op of a CPU training step after the output layer
+    (7.7 ms vs 2.1 ms to draw the mask for a 64 x 200 x 64 batch, measured here)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self._cut = round(p * 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self._cut == 0:
+            return x
+        keep = torch.randint(0, 256, x.shape, dtype=torch.uint8) >= self._cut
+        return x * keep.to(x.dtype).mul_(256 / (256 - self._cut))
 
 
 class _Block(nn.Module):
@@ -80,7 +99,7 @@ class _Block(nn.Module):
         self.ln2 = nn.LayerNorm(dim)
         self.ff1 = nn.Linear(dim, dim)
         self.ff2 = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = _Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -115,7 +134,7 @@ class SASRec(nn.Module):
         self.n_heads, self.max_len, self.dropout = n_heads, max_len, dropout
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
-        self.emb_drop = nn.Dropout(dropout)
+        self.emb_drop = _Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(dim, n_heads, dropout) for _ in range(n_layers))
         self.ln = nn.LayerNorm(dim)
         nn.init.normal_(self.item_emb.weight, std=dim**-0.5)
@@ -217,14 +236,65 @@ def hr_ndcg(topk: np.ndarray, targets: np.ndarray, k: int = 10) -> dict[str, flo
     return {f"hr@{k}": float(found.mean()), f"ndcg@{k}": float(ndcg.mean()), "n_users": len(hit)}
 
 
+class _ChunkedSoftmaxCE(torch.autograd.Function):
+    """Mean cross-entropy of the logits ``h @ w.T`` against ``target``, a chunk of rows at a
+    time: the (tokens x catalogue) logits never exist whole, and the gradients are formed in
+    the forward pass (the loss ends the graph; ``backward`` only scales them), so each
+    chunk's softmax passes run in cache. The three products run in ``dtype`` (bfloat16 where
+    the CPU has it: measured ~1.6x faster than float32 here), the softmax and sums in
+    float32. Measured on ML-1M sizes (12,800 x 64 x 3,416): 0.13 s per forward+backward vs
+    0.47 s for ``F.cross_entropy(h @ w.T)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        n, n_items = h.shape[0], w.shape[0]
+        chunk = max(64, (1 << 21) // n_items)  # ~8 MB of float32 logits per chunk
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32)
+        wl = w.detach().to(dtype)
+        total = torch.zeros((), dtype=torch.float64)
+        for s in range(0, n, chunk):
+            hc, tc = h[s : s + chunk].detach().to(dtype), target[s : s + chunk]
+            rows = torch.arange(len(tc))
+            logits = (hc @ wl.T).float()
+            picked = logits[rows, tc]
+            top = logits.amax(1, keepdim=True)
+            logits.sub_(top).exp_()
+            z = logits.sum(1, keepdim=True)
+            total += (z.log().add_(top).squeeze(1) - picked).sum()
+            logits.div_(z)  # the softmax; minus the one-hot target: d loss / d logits
+            logits[rows, tc] -= 1
+            g = logits.to(dtype)
+            grad_h[s : s + chunk] = g @ wl
+            grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
+        ctx.n = n
+        return (total / max(n, 1)).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad / max(ctx.n, 1)
+        return grad_h * scale, grad_w * scale, None, None
+
+
 def _next_item_loss(
-    model: SASRec, h: torch.Tensor, target: torch.Tensor, full_max: int, rng: np.random.Generator
+    model: SASRec,
+    h: torch.Tensor,
+    target: torch.Tensor,
+    full_max: int,
+    rng: np.random.Generator,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Cross-entropy of the next item: over the whole catalogue when it has at most
     ``full_max`` items, else over the target and ``full_max`` shared uniform negatives
     (a negative equal to the row's target is masked out)."""
     weight = model.output_weight()
     if model.n_items <= full_max:
+        if torch.is_grad_enabled():
+            return _ChunkedSoftmaxCE.apply(h, weight, target, dtype)  # type: ignore[no-any-return]
         return F.cross_entropy((h @ weight.T).float(), target)
     negatives = torch.from_numpy(rng.integers(0, model.n_items, full_max))
     positive = (h * weight[target]).sum(-1, keepdim=True)
@@ -269,7 +339,7 @@ def train_sasrec(
         from generators.train import faster_precision
 
         precision = faster_precision(4096, cfg.dim, n_items)
-    bf16 = precision == "bf16"
+    loss_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # a window of max_len inputs needs max_len + 1 items (the last one only as a target)
     train = [_window(s, cfg.max_len + 1) for s in seqs if len(s) >= 2]
@@ -304,9 +374,8 @@ def train_sasrec(
             tok = _padded([train[i] for i in batch], t + 1)
             inp, tgt = tok[:, :-1], tok[:, 1:]
             mask = tgt > 0
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                h = model(inp)[mask]
-                loss = _next_item_loss(model, h, tgt[mask] - 1, cfg.full_softmax_max, rng)
+            h = model(inp)[mask]
+            loss = _next_item_loss(model, h, tgt[mask] - 1, cfg.full_softmax_max, rng, loss_dtype)
             used = budget_used(step)
             scale = used / cfg.warmup if used < cfg.warmup else (1 - used) / (1 - cfg.warmup)
             for group in opt.param_groups:

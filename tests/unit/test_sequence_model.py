@@ -112,3 +112,24 @@ def test_save_and_load_round_trip(tmp_path):
     (tmp_path / "seq" / "weights.pt").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="checksum"):
         SequenceRuntime.load(tmp_path / "seq")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_softmax_loss_matches_cross_entropy(dtype):
+    """The training loss computed a chunk at a time (gradients formed in the forward
+    pass) equals F.cross_entropy over the whole logits, loss and gradients."""
+    from generators.sequence import _ChunkedSoftmaxCE
+
+    gen = torch.Generator().manual_seed(0)
+    n_items = 700  # several chunks: (1 << 21) // 700 = 2,995 rows each
+    h = torch.randn(7000, 16, generator=gen, requires_grad=True)
+    w = (0.3 * torch.randn(n_items, 16, generator=gen)).requires_grad_()
+    target = torch.randint(0, n_items, (7000,), generator=gen)
+    ref = torch.nn.functional.cross_entropy(h @ w.T, target)
+    ref_h, ref_w = torch.autograd.grad(2.0 * ref, (h, w))  # a scaled loss scales the grads
+    loss = _ChunkedSoftmaxCE.apply(h, w, target, dtype)
+    got_h, got_w = torch.autograd.grad(2.0 * loss, (h, w))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(float(loss) - float(ref)) <= tol * float(ref)
+    for got, want in ((got_h, ref_h), (got_w, ref_w)):
+        assert float((got - want).norm() / want.norm()) <= tol
