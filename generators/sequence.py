@@ -67,9 +67,10 @@ class SeqConfig:
     # the output layer's products in training (most of its arithmetic): "fp32", "bf16", or
     # "auto" (bf16 where this CPU runs it at least 1.3x faster); the blocks stay float32
     precision: str = "auto"
-    # the softmax over the whole catalogue up to this many items; above it, over the target
+    # the softmax over the whole catalogue up to this many items (computed in chunks: its
+    # memory stays flat, its time grows with the catalogue); above it, over the target
     # and this many items drawn uniformly per batch (shared by all its positions)
-    full_softmax_max: int = 32768
+    full_softmax_max: int = 65536
 
 
 class _Dropout(nn.Module):
@@ -324,7 +325,8 @@ def train_sasrec(
 
     With ``valid_targets`` (one item per sequence, or -1 for none), NDCG@10 of the next item
     after the whole sequence is measured every ``eval_every`` epochs; the best weights are
-    kept and training stops after ``patience`` evaluations without gain. ``max_seconds``
+    kept and, without ``max_seconds``, training stops after ``patience`` evaluations
+    without gain. ``max_seconds``
     bounds the wall time of the updates (the budget may end mid-epoch; a last validation
     follows). The learning rate rises over the
     first ``warmup`` of the budget and then decays linearly to zero at its end (the budget:
@@ -409,7 +411,9 @@ def train_sasrec(
         if log:
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in row.items()))  # fmt: skip
-        if v_users is not None and bad >= cfg.patience:
+        # under a time budget the schedule decays to its end, where the model gains most:
+        # a noisy validation must not stop it early (the best epoch is still kept)
+        if v_users is not None and bad >= cfg.patience and not max_seconds:
             break
         if out_of_time:
             break

@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequence-minutes",
         type=float,
         default=10.0,
-        help="time budget of sequence training (0: none); epochs stop early on validation",
+        help="time budget of sequence training, trained to its end, the best epoch on "
+        "validation kept (0: no budget; then epochs stop early on validation)",
     )
     train.add_argument("--sequence-epochs", type=int, help="most epochs (default 200)")
     train.add_argument("--sequence-dim", type=int, help="default: generators.sequence.SeqConfig")
