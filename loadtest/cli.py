@@ -213,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="send this fraction of malformed events (expect rejections)",
     )
     p.add_argument("--late-ms", type=float, default=10.0)
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="events per message: above 1, StreamFeedbackBatches with N events a message "
+        "(an event waits for its batch to fill: that wait counts in its ack latency)",
+    )
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser(
@@ -402,6 +410,7 @@ def cmd_stream(args) -> int:
         resend_fraction=args.resend_fraction,
         malformed_fraction=args.malformed_fraction,
         late_ms=args.late_ms,
+        batch=args.batch,
         seed=args.seed,
         progress=not args.quiet,
     )

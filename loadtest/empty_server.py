@@ -227,6 +227,23 @@ class EmptyRecommender(pb_grpc.RecommenderServicer):
                 yield pb.FeedbackAck(event_ids=[ev.event_id])
             index += 1
 
+    async def StreamFeedbackBatches(
+        self, request_iterator: AsyncIterator[pb.SendFeedbackRequest], context
+    ) -> AsyncIterator[pb.FeedbackAck]:
+        index = 0
+        async for batch in request_iterator:
+            ack = pb.FeedbackAck()
+            for ev in batch.events:
+                if not (ev.event_id and ev.user_id and ev.item_id) or (
+                    ev.type == pb.EVENT_TYPE_UNSPECIFIED
+                ):
+                    ack.rejected.add(event_id=ev.event_id, index=index, reason="malformed event")
+                elif not self._stream_drop.fire():  # (dropped: never acked)
+                    self._note_feedback(ev.user_id)
+                    ack.event_ids.append(ev.event_id)
+                index += 1
+            yield ack
+
     async def GetUserState(self, request, context):
         await self._pre(context)
         now = Timestamp()

@@ -56,6 +56,7 @@ class StreamConfig:
     resend_fraction: float = 0.0
     malformed_fraction: float = 0.0
     late_ms: float = 10.0
+    batch: int = 1  # events per message; above 1: StreamFeedbackBatches
     seed: int | None = None
     progress: bool = True
 
@@ -68,6 +69,8 @@ class StreamConfig:
             raise UsageError("--duration must be > 0")
         if self.channels < 1:
             raise UsageError("--channels must be >= 1")
+        if self.batch < 1:
+            raise UsageError("--batch must be >= 1")
         for name in ("resend_fraction", "malformed_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1)")
@@ -180,7 +183,8 @@ class StreamRun:
         c = self.c
         j = 0
         while j < n and not self.stop.is_set():
-            call = stub.StreamFeedback()
+            call = stub.StreamFeedbackBatches() if cfg.batch > 1 else stub.StreamFeedback()
+            unsent: list[pb.FeedbackEvent] = []  # the batch being filled
             c["streams_opened"] += 1
             sent_ids: list[str] = []
             events: dict[str, pb.FeedbackEvent] = {}  # sent, not yet acked (this stream)
@@ -211,7 +215,15 @@ class StreamRun:
                     c["sent"] += 1
                     self.rec.count("sent")
                     j += 1
-                    await call.write(ev)
+                    if cfg.batch <= 1:
+                        await call.write(ev)
+                        continue
+                    unsent.append(ev)
+                    if len(unsent) >= cfg.batch:
+                        await call.write(pb.SendFeedbackRequest(events=unsent))
+                        unsent = []
+                if unsent:
+                    await call.write(pb.SendFeedbackRequest(events=unsent))
                 await call.done_writing()
             except asyncio.CancelledError:
                 call.cancel()

@@ -207,7 +207,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
         metrics = self.metrics
-        feedback = method in ("SendFeedback", "StreamFeedback")
+        feedback = method in ("SendFeedback", "StreamFeedback", "StreamFeedbackBatches")
         serves_lists = method in ("Recommend", "Generate")
         if handler.unary_unary is not None:
             inner = handler.unary_unary
@@ -263,7 +263,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 async def _tap_events(requests: AsyncIterator[Any], metrics: Metrics) -> AsyncIterator[Any]:
     """Pass a feedback stream's messages on, counting attributed events as they arrive."""
     async for message in requests:
-        if hasattr(message, "recommendation_id"):  # not a message that failed to parse
+        if isinstance(message, pb.SendFeedbackRequest):  # a StreamFeedbackBatches message
+            metrics.feedback_events(message.events)
+        elif isinstance(message, pb.FeedbackEvent):  # not a message that failed to parse
             metrics.feedback_events((message,))
         yield message
 

@@ -272,9 +272,24 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def StreamFeedback(
         self, request_iterator: AsyncIterator[pb.FeedbackEvent], context: Any
     ) -> AsyncIterator[pb.FeedbackAck]:
+        """One event per message; see :meth:`_feedback_stream`."""
+        async for ack in self._feedback_stream(request_iterator, context, batched=False):
+            yield ack
+
+    async def StreamFeedbackBatches(
+        self, request_iterator: AsyncIterator[pb.SendFeedbackRequest], context: Any
+    ) -> AsyncIterator[pb.FeedbackAck]:
+        """A batch of events per message (gRPC's per-message cost spread over the
+        batch); events are indexed over the whole stream."""
+        async for ack in self._feedback_stream(request_iterator, context, batched=True):
+            yield ack
+
+    async def _feedback_stream(
+        self, request_iterator: AsyncIterator[Any], context: Any, batched: bool
+    ) -> AsyncIterator[pb.FeedbackAck]:
         """Events are read into a bounded queue and written in batches of what has
         arrived; a full queue stops reading, so gRPC flow control slows the client."""
-        queue: asyncio.Queue[tuple[int, pb.FeedbackEvent] | None] = asyncio.Queue(
+        queue: asyncio.Queue[tuple[int, pb.FeedbackEvent | Malformed] | None] = asyncio.Queue(
             maxsize=self.settings.stream_buffer
         )
 
@@ -283,9 +298,19 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         async def read() -> None:
             index = 0
             try:
-                async for event in request_iterator:
-                    await queue.put((index, event))
-                    index += 1
+                number = 0
+                async for message in request_iterator:
+                    if not batched:
+                        await queue.put((index, message))
+                        index += 1
+                    elif isinstance(message, Malformed):  # its events are not counted
+                        error = f"message #{number}: {message.error}"
+                        await queue.put((index, Malformed(error)))
+                    else:
+                        for event in message.events:
+                            await queue.put((index, event))
+                            index += 1
+                    number += 1
             except grpc.RpcError:
                 pass  # the client went away; what was read is still written and acked
             except grpc.aio.AbortError:

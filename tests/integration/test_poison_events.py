@@ -145,6 +145,18 @@ def test_invalid_utf8_gets_invalid_argument_and_the_stream_goes_on(server, secon
     assert [e for a in acks for e in a.event_ids] == ["after-bad-bytes"]
     assert sorted(r.index for a in acks for r in a.rejected) == [0, 1]
     assert all("malformed message" in r.reason for a in acks for r in a.rejected)
+
+    # a batch message that does not parse counts as no events; the next batch goes on
+    batches = raw_call(server.channel, "StreamFeedbackBatches", pb.FeedbackAck, stream=True)
+    ok = pb.SendFeedbackRequest(events=[event("b-before", user="streamer")]).SerializeToString()
+    after = pb.SendFeedbackRequest(events=[event("b-after", user="streamer")]).SerializeToString()
+    broken = pb.SendFeedbackRequest(events=[event("b-u8", user="UUUU"), event("b-ok")])
+    broken = broken.SerializeToString().replace(b"UUUU", b"\xff\xfeUU")
+    acks = list(batches(iter([ok, broken, after]), timeout=10))
+    assert [e for a in acks for e in a.event_ids] == ["b-before", "b-after"]
+    rejected = [r for a in acks for r in a.rejected]
+    assert [(r.event_id, r.index) for r in rejected] == [("", 1)]
+    assert "message #1" in rejected[0].reason and "malformed message" in rejected[0].reason
     check_others_unaffected(server, second_stub, "utf8")
 
 

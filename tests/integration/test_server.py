@@ -110,6 +110,30 @@ def test_stream_rejects_malformed_events_by_id_and_keeps_going(server):
     assert "EVENT_TYPE_UNSPECIFIED" in reasons and "event_id is empty" in reasons
 
 
+def test_batched_stream_acks_rejects_by_stream_index_and_keeps_going(server):
+    """StreamFeedbackBatches: the same acks as StreamFeedback, the rejected events'
+    indexes counted over the whole stream."""
+    batches = [
+        pb.SendFeedbackRequest(events=[purchase("bb-1", "batcher", "a1"),
+                                       pb.FeedbackEvent(event_id="bb-bad", user_id="batcher",
+                                                        item_id="a2")]),  # fmt: skip
+        pb.SendFeedbackRequest(),  # an empty batch is no events
+        pb.SendFeedbackRequest(events=[purchase("", "batcher", "a3"),
+                                       purchase("bb-2", "batcher", "a4"),
+                                       purchase("bb-1", "batcher", "a1")]),  # fmt: skip
+    ]
+    acks = list(server.stub.StreamFeedbackBatches(iter(batches)))
+    acked = [e for ack in acks for e in ack.event_ids]
+    duplicates = [e for ack in acks for e in ack.duplicate_event_ids]
+    rejected = [(r.event_id, r.index) for ack in acks for r in ack.rejected]
+    assert acked == ["bb-1", "bb-2", "bb-1"] and duplicates == ["bb-1"]
+    assert rejected == [("bb-bad", 1), ("", 2)]
+    state = server.stub.GetUserState(pb.GetUserStateRequest(user_id="batcher"))
+    assert state.event_count == 2 and {h.item_id for h in state.history} == {"a1", "a4"}
+    rec = server.stub.Recommend(pb.RecommendRequest(user_id="batcher", k=3))
+    assert not {"a1", "a4"} & set(ids(rec))  # the next call reflects the acked events
+
+
 def test_unknown_item_feedback_is_kept(server):
     server.stub.SendFeedback(pb.SendFeedbackRequest(events=[purchase("n1", "u1", "brand-new")]))
     state = server.stub.GetUserState(pb.GetUserStateRequest(user_id="u1"))

@@ -313,6 +313,24 @@ def test_stream_acks_duplicates_rejections():
     assert report["streams"]["opened"] == 4
 
 
+def test_batched_stream_acks_duplicates_rejections():
+    """--batch: StreamFeedbackBatches, events matched to acks and rejections alike."""
+
+    async def fn(target, servicer):
+        cfg = StreamConfig(
+            target=target, streams=2, rate=400, duration=1.0, progress=False,
+            resend_fraction=0.05, malformed_fraction=0.05, batch=7, seed=3,
+        )  # fmt: skip
+        return await run_streams(cfg, ids())
+
+    report = with_server(fn)
+    ev = report["events"]
+    assert ev["sent"] == 400 and ev["malformed_sent"] > 0
+    assert ev["rejected"] == ev["malformed_sent"] and ev["unknown_rejections"] == 0
+    assert ev["acked"] + ev["rejected"] == ev["sent"] and ev["unacked"] == 0
+    assert report["errors"] == 0 and ev["unknown_acks"] == 0
+
+
 def test_stream_reports_unacked_events():
     async def fn(target, servicer):
         cfg = StreamConfig(
