@@ -355,6 +355,13 @@ async def serve(settings: Settings) -> None:
         await server.wait()
     finally:
         await server.stop()
+    # stopped cleanly: every write is durable and every log line out. Skip the
+    # interpreter's teardown (asyncio's executor join, grpc's exit hooks), where a
+    # stuck library thread could otherwise keep the process alive
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rss_mb() -> float:
