@@ -71,14 +71,14 @@ def main() -> None:
         kept = [s[:-2] for s in ordered]
         inputs = [s[:-1] if len(s) >= 2 else s for s in kept]
         targets = [s[-1:] if len(s) >= 2 else s[:0] for s in kept]
-        fit = items_to_csr([np.unique(s) for s in inputs], n_items)
+        fit = items_to_csr([np.unique(s) for s in inputs], n_items=n_items)
         users = np.array([u for u, t in enumerate(targets) if len(t)], dtype=np.int64)
         held = [targets[u] for u in users]
         k = 10
     else:
         lists = read_user_item_lines(args.data)
         n_items = int(max(len(x) and x.max() for x in lists)) + 1
-        fit, valid = holdout_split(items_to_csr(lists, n_items), 0.2, seed=0)
+        fit, valid = holdout_split(items_to_csr(lists, n_items=n_items), 0.2, seed=0)
         users = np.array([u for u, v in enumerate(valid) if len(v)], dtype=np.int64)
         if len(users) > args.eval_users:
             users = np.sort(rng.choice(users, args.eval_users, replace=False))
