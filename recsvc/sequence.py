@@ -78,12 +78,20 @@ class SequenceModel:
 
 
 def last_item_split(
-    user_items: Any, interactions: Interactions, users: IdMap, items: IdMap
+    user_items: Any,
+    interactions: Interactions,
+    users: IdMap,
+    items: IdMap,
+    max_users: int | None = None,
+    seed: int = 0,
 ) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
     """Leave-one-out validation carved from training data, as the test protocol splits:
-    each user's last item (users with at least 3) is held out. Returns the matrix without
-    those (user, item) entries (what the other scorers fit), the held-out items per user,
-    and each user's ordered items before them (what the sequence model trains on)."""
+    the last item of users with at least 3 is held out (of at most ``max_users`` of them,
+    drawn at random: every choice is made on that many users anyway, and the others'
+    latest transition is the training data closest to what is served next). Returns the
+    matrix without those (user, item) entries (what the other scorers fit), the held-out
+    items per user (empty for users not held out), and each user's ordered items before
+    them (what the sequence model trains on)."""
     import scipy.sparse as sp
 
     if not interactions.ordered:
@@ -93,6 +101,10 @@ def last_item_split(
         )
     sequences = user_sequences(interactions, users, items)
     held = np.array([len(s) >= 3 for s in sequences], dtype=bool)
+    if max_users is not None and held.sum() > max_users:
+        keep = np.random.default_rng(seed).choice(np.flatnonzero(held), max_users, replace=False)
+        held[:] = False
+        held[keep] = True
     rows = np.flatnonzero(held)
     cols = np.array([sequences[r][-1] for r in rows], dtype=np.int64)
     drop = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=user_items.shape)

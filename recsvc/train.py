@@ -148,7 +148,9 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if getattr(args, "sequence", False):  # #11: ordered data; validation = each last item
         from recsvc.sequence import last_item_split, train_sequence
 
-        fit_part, valid, inputs = last_item_split(user_items, interactions, users, items)
+        fit_part, valid, inputs = last_item_split(
+            user_items, interactions, users, items, args.mixture_users, args.seed
+        )
         sequence, sequence_params, sequence_scorer = train_sequence(args, inputs, valid, len(items))
     knn_params, knn_search = choose_knn(args, fit_part, valid)
     fit_started = time.perf_counter()

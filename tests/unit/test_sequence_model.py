@@ -39,6 +39,28 @@ def test_line_files_of_pairs_are_ordered_by_line(tmp_path):
     assert [items.ids[i] for i in seqs[users.index("2")]] == ["9", "1"]
 
 
+def test_last_item_split_holds_out_a_sample_and_trains_on_the_rest(tmp_path):
+    from recsvc.sequence import last_item_split
+
+    path = tmp_path / "seq.txt"
+    path.write_text("".join(f"{u} {(u + j) % 7}\n" for u in range(20) for j in range(4)))
+    log = read_interactions(path)
+    user_items, users, items = build_matrix(log)
+    seqs = user_sequences(log, users, items)
+    fit, valid, inputs = last_item_split(user_items, log, users, items, max_users=5, seed=1)
+    held = [u for u, v in enumerate(valid) if len(v)]
+    assert len(held) == 5
+    for u in range(len(seqs)):
+        if u in held:  # the last item is the target, kept out of every fit
+            assert valid[u].tolist() == seqs[u][-1:].tolist()
+            assert inputs[u].tolist() == seqs[u][:-1].tolist()
+            assert fit[u, seqs[u][-1]] == 0
+        else:  # trained on whole
+            assert inputs[u].tolist() == seqs[u].tolist()
+            assert fit[u].nnz == user_items[u].nnz
+    assert [len(v) for v in last_item_split(user_items, log, users, items)[1]] == [1] * 20
+
+
 def test_gowalla_lines_carry_no_order_and_csv_is_ordered_by_time(tmp_path):
     gowalla = tmp_path / "train.txt"
     gowalla.write_text("0 1 2 3\n1 2\n")
