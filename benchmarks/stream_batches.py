@@ -69,11 +69,15 @@ def main() -> None:
               f"median {medians[name, batch]:.0f}; unacked {unacked}; "
               f"ack p99 ms median {statistics.median(p99):.1f}")  # fmt: skip
     for name in ("empty", "recsvc"):
-        print(f"  {name}: batches / single events = "
-              f"{medians[name, args.batch] / max(medians[name, 1], 1e-9):.2f}")
+        print(
+            f"  {name}: batches / single events = "
+            f"{medians[name, args.batch] / max(medians[name, 1], 1e-9):.2f}"
+        )
     for batch in (1, args.batch):
-        print(f"  batch {batch}: recsvc / empty = "
-              f"{medians['recsvc', batch] / max(medians['empty', batch], 1e-9):.2f}")
+        print(
+            f"  batch {batch}: recsvc / empty = "
+            f"{medians['recsvc', batch] / max(medians['empty', batch], 1e-9):.2f}"
+        )
 
 
 if __name__ == "__main__":
