@@ -59,6 +59,12 @@ def main() -> None:
     ap.add_argument("--eval-users", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--models", default="vae,cfgan,sequence")
+    ap.add_argument(
+        "--gan-patience",
+        type=int,
+        default=GANConfig.patience,
+        help="CFGAN: validations without gain before it stops (large: the whole budget)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +123,7 @@ def main() -> None:
         }
         print(json.dumps({"vae": out["vae"]}), file=sys.stderr, flush=True)
     if "cfgan" in models:
-        cfg = GANConfig()
+        cfg = GANConfig(patience=args.gan_patience)
         started = time.perf_counter()
         probe = users[: min(len(users), 2000)]
         probe_held = held[: len(probe)]
