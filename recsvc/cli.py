@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequence-batch-size", type=int, help="default: generators.sequence.SeqConfig"
     )
     train.add_argument(
+        "--sequence-dropout", type=float, help="default: generators.sequence.SeqConfig"
+    )
+    train.add_argument(
         "--sequence-max-len", type=int, help="items of the window the model reads (default 200)"
     )
     train.add_argument("--seed", type=int, default=0)

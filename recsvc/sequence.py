@@ -141,6 +141,7 @@ def train_sequence(
             ("max_len", args.sequence_max_len),
             ("lr", args.sequence_lr),
             ("batch_size", args.sequence_batch_size),
+            ("dropout", args.sequence_dropout),
             ("seed", args.seed),
         )
         if v is not None
