@@ -326,9 +326,8 @@ def train_sasrec(
     With ``valid_targets`` (one item per sequence, or -1 for none), NDCG@10 of the next item
     after the whole sequence is measured every ``eval_every`` epochs; the best weights are
     kept and, without ``max_seconds``, training stops after ``patience`` evaluations
-    without gain. ``max_seconds``
-    bounds the wall time of the updates (the budget may end mid-epoch; a last validation
-    follows). The learning rate rises over the
+    without gain. ``max_seconds`` bounds the wall time of the updates (the budget may end
+    mid-epoch; a last validation follows). The learning rate rises over the
     first ``warmup`` of the budget and then decays linearly to zero at its end (the budget:
     ``max_seconds`` when given, else ``max_epochs``), which is what a short, fixed budget
     trains best with. Returns the model and a history."""

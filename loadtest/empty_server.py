@@ -79,6 +79,11 @@ class _FractionGate:
         return False
 
 
+def _malformed(ev: pb.FeedbackEvent) -> bool:
+    """What the streams of the empty server reject: no ids, or no event type."""
+    return not (ev.event_id and ev.user_id and ev.item_id) or (ev.type == pb.EVENT_TYPE_UNSPECIFIED)
+
+
 class EmptyRecommender(pb_grpc.RecommenderServicer):
     def __init__(
         self,
@@ -210,9 +215,7 @@ class EmptyRecommender(pb_grpc.RecommenderServicer):
     ) -> AsyncIterator[pb.FeedbackAck]:
         index = 0
         async for ev in request_iterator:
-            if not (ev.event_id and ev.user_id and ev.item_id) or (
-                ev.type == pb.EVENT_TYPE_UNSPECIFIED
-            ):
+            if _malformed(ev):
                 yield pb.FeedbackAck(
                     rejected=[
                         pb.RejectedEvent(
@@ -234,9 +237,7 @@ class EmptyRecommender(pb_grpc.RecommenderServicer):
         async for batch in request_iterator:
             ack = pb.FeedbackAck()
             for ev in batch.events:
-                if not (ev.event_id and ev.user_id and ev.item_id) or (
-                    ev.type == pb.EVENT_TYPE_UNSPECIFIED
-                ):
+                if _malformed(ev):
                     ack.rejected.add(event_id=ev.event_id, index=index, reason="malformed event")
                 elif not self._stream_drop.fire():  # (dropped: never acked)
                     self._note_feedback(ev.user_id)

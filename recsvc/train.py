@@ -145,7 +145,7 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     # one validation split, carved from the training data, for every choice made here
     fit_part, valid = holdout_split(user_items, args.valid_fraction, seed=args.seed)
     sequence = sequence_params = sequence_scorer = None
-    if getattr(args, "sequence", False):  # #11: ordered data; validation = each last item
+    if getattr(args, "sequence", False):  # #11: ordered data; validation = last items
         from recsvc.sequence import last_item_split, train_sequence
 
         fit_part, valid, inputs = last_item_split(

@@ -92,6 +92,14 @@ def test_never_seen_user_is_built_from_streamed_events(server):
     assert state.history[0].item_id == "b2" or state.history[0].last_event.ToMilliseconds() > 0
 
 
+def ack_lists(acks):
+    """A feedback stream's acks as (acked ids, duplicate ids, (rejected id, index))."""
+    acked = [e for ack in acks for e in ack.event_ids]
+    duplicates = [e for ack in acks for e in ack.duplicate_event_ids]
+    rejected = [(r.event_id, r.index) for ack in acks for r in ack.rejected]
+    return acked, duplicates, rejected
+
+
 def test_stream_rejects_malformed_events_by_id_and_keeps_going(server):
     events = [
         purchase("ok-1", "streamer", "a1"),
@@ -101,9 +109,7 @@ def test_stream_rejects_malformed_events_by_id_and_keeps_going(server):
         purchase("ok-1", "streamer", "a1"),
     ]
     acks = list(server.stub.StreamFeedback(iter(events)))
-    acked = [e for ack in acks for e in ack.event_ids]
-    duplicates = [e for ack in acks for e in ack.duplicate_event_ids]
-    rejected = [(r.event_id, r.index) for ack in acks for r in ack.rejected]
+    acked, duplicates, rejected = ack_lists(acks)
     assert acked == ["ok-1", "ok-2", "ok-1"] and duplicates == ["ok-1"]
     assert rejected == [("bad-type", 1), ("", 2)]
     reasons = " ".join(r.reason for ack in acks for r in ack.rejected)
@@ -123,9 +129,7 @@ def test_batched_stream_acks_rejects_by_stream_index_and_keeps_going(server):
                                        purchase("bb-1", "batcher", "a1")]),  # fmt: skip
     ]
     acks = list(server.stub.StreamFeedbackBatches(iter(batches)))
-    acked = [e for ack in acks for e in ack.event_ids]
-    duplicates = [e for ack in acks for e in ack.duplicate_event_ids]
-    rejected = [(r.event_id, r.index) for ack in acks for r in ack.rejected]
+    acked, duplicates, rejected = ack_lists(acks)
     assert acked == ["bb-1", "bb-2", "bb-1"] and duplicates == ["bb-1"]
     assert rejected == [("bb-bad", 1), ("", 2)]
     state = server.stub.GetUserState(pb.GetUserStateRequest(user_id="batcher"))
