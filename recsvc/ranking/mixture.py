@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +38,12 @@ GENERATOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 CANDIDATE_COUNTS = (100, 150, 200)
 CANDIDATE_TOLERANCE = 0.002
 POPULARITY_WEIGHTS = (0.0, 0.02, 0.1)
-SEQUENCE_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # #11: up to "the sequence alone"
+# #11: the order-aware members (the sequence model, transitions), up to "that member alone"
+SEQUENCE_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+# Every combination of the weights above is tried while there are at most this many (the
+# Gowalla mixture: 5 ranks x 8 x 8 x 3); with more members, coordinate ascent instead
+MAX_GRID = 1500
+COORDINATE_ROUNDS = 3
 
 
 @dataclass
@@ -77,10 +83,11 @@ def tune_mixture(
     seed: int = 0,
     n_candidates: int = N_CANDIDATES,
     n_popular: int = N_POPULAR,
-    sequence: Scorer | None = None,
+    sequence: Sequence[Scorer] = (),
 ) -> MixtureChoice:
     """The weights (kNN fixed at 1) and rank that maximise NDCG@k on ``valid``,
-    with every scorer fitted on ``fit_part`` alone."""
+    with every scorer fitted on ``fit_part`` alone. ``sequence``: the order-aware
+    members (each weighed from ``SEQUENCE_WEIGHTS``)."""
     users = np.flatnonzero([len(v) > 0 for v in valid])
     rng = np.random.default_rng(seed)
     users = np.sort(rng.choice(users, size=min(len(users), n_users), replace=False))
@@ -102,8 +109,7 @@ def tune_mixture(
         scorers += [(f"lowrank@{r}", s) for r, s in lowranks.items()]
         if generator is not None:
             scorers.append(("generator", generator))
-        if sequence is not None:
-            scorers.append(("sequence", sequence))
+        scorers += [(s.name, s) for s in sequence]
         for name, scorer in scorers:
             raw.setdefault(name, []).append(scorer.score(batch, candidates))
             how[name] = scorer.normalise
@@ -130,24 +136,52 @@ def tune_mixture(
         return _metrics(mixed, relevant, n_relevant, k)
 
     alone = {name: {m: round(v, 5) for m, v in evaluate({name: 1.0}).items()} for name in comp}
-    results = []
     rank_options: list[int | None] = list(lowranks) or [None]
-    lowrank_weights = LOWRANK_WEIGHTS if lowranks else (0.0,)
-    generator_weights = GENERATOR_WEIGHTS if generator is not None else (0.0,)
-    sequence_weights = SEQUENCE_WEIGHTS if sequence is not None else (0.0,)
-    for rank, w_low, w_gen, w_pop, w_seq in itertools.product(
-        rank_options, lowrank_weights, generator_weights, POPULARITY_WEIGHTS, sequence_weights
-    ):
-        if w_low == 0 and rank != rank_options[0]:
-            continue  # the rank does not matter without the term
-        weights = {"knn": 1.0, "popularity": w_pop}
+    # each member's options; the low-rank term's are (rank, weight) pairs
+    options: dict[str, list] = {
+        "lowrank": [(rank_options[0], 0.0)]
+        + [(r, w) for r in rank_options for w in LOWRANK_WEIGHTS if w > 0 and lowranks],
+        "generator": list(GENERATOR_WEIGHTS) if generator is not None else [0.0],
+        "popularity": list(POPULARITY_WEIGHTS),
+        **{s.name: list(SEQUENCE_WEIGHTS) for s in sequence},
+    }
+
+    def as_weights(setting: dict[str, object]) -> tuple[int | None, dict[str, float]]:
+        rank, w_low = setting["lowrank"]  # type: ignore[misc]
+        weights = {"knn": 1.0, "popularity": float(setting["popularity"])}  # type: ignore[arg-type]
         if rank is not None:
             weights[f"lowrank@{rank}"] = w_low
         if generator is not None:
-            weights["generator"] = w_gen
-        if sequence is not None:
-            weights["sequence"] = w_seq
-        results.append((evaluate(weights), rank, weights))
+            weights["generator"] = float(setting["generator"])  # type: ignore[arg-type]
+        weights.update({s.name: float(setting[s.name]) for s in sequence})  # type: ignore[arg-type]
+        return rank, weights
+
+    tried: dict[tuple, tuple[dict, int | None, dict[str, float]]] = {}
+
+    def score(setting: dict[str, object]) -> float:
+        key = tuple(setting[name] for name in options)
+        if key not in tried:
+            rank, weights = as_weights(setting)
+            tried[key] = (evaluate(weights), rank, weights)
+        return float(tried[key][0]["ndcg"])
+
+    names = list(options)
+    if math.prod(len(o) for o in options.values()) <= MAX_GRID:
+        for values in itertools.product(*options.values()):
+            score(dict(zip(names, values, strict=True)))
+    else:  # too many: coordinate ascent from "the kNN alone", one member at a time
+        setting: dict[str, object] = {name: opts[0] for name, opts in options.items()}
+        best = score(setting)
+        for _ in range(COORDINATE_ROUNDS):
+            moved = False
+            for name in names:
+                for value in options[name]:
+                    trial = {**setting, name: value}
+                    if score(trial) > best:
+                        setting, best, moved = trial, score(trial), True
+            if not moved:
+                break
+    results = list(tried.values())
     results.sort(key=lambda r: -r[0]["ndcg"])
     best_metrics, best_rank, best_weights = results[0]
     head = np.zeros(base.n_items, dtype=bool)

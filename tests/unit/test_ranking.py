@@ -88,6 +88,33 @@ def test_tuning_uses_the_low_rank_term_where_it_helps():
     assert not knn_only or knn_only[0]["ndcg"] <= choice.metrics["ndcg"]
 
 
+def test_many_members_are_tuned_by_coordinate_ascent(monkeypatch):
+    """Past MAX_GRID settings, one member's weight moves at a time: far fewer settings
+    tried, and on these blocks the same best as the whole grid."""
+    import recsvc.ranking.mixture as mixture
+
+    matrix = blocks(n_users=300)
+    fit_part, valid = holdout_split(matrix, 0.2, seed=0)
+    knn = KnnScorer(fit_normalised_knn(fit_part, 3))
+    popularity = PopularityScorer(np.asarray(fit_part.sum(axis=0)).ravel())
+    factors = fit_item_factors(fit_part, 8)
+
+    def tune():
+        return tune_mixture(knn, popularity, fit_part, valid, factors, [4, 8], n_candidates=8,
+                            n_popular=2)  # fmt: skip
+
+    tried = []
+    real_metrics = mixture._metrics
+    monkeypatch.setattr(mixture, "_metrics", lambda *a: tried.append(1) or real_metrics(*a))
+    grid = tune()
+    n_grid, tried[:] = len(tried), []
+    monkeypatch.setattr(mixture, "MAX_GRID", 1)
+    ascent = tune()
+    assert len(tried) < n_grid / 2
+    assert ascent.weights.get("lowrank", 0) > 0
+    assert ascent.metrics["ndcg"] >= grid.metrics["ndcg"] - 1e-9
+
+
 def test_fewest_candidates_keeps_the_smallest_count_that_ranks_as_well():
     from recsvc.ranking.mixture import fewest_candidates
 
