@@ -435,6 +435,7 @@ def train_sasrec(
 SEQ_FORMAT = "recsvc-generator/sasrec"
 SEQ_FORMAT_VERSION = 1
 _CONFIG, _WEIGHTS, _TAILS = "config.json", "weights.pt", "tails.pt"
+_TRANSITIONS = "transitions.npz"
 
 
 def save_sequence(
@@ -442,10 +443,13 @@ def save_sequence(
     directory: Any,
     tails: Sequence[np.ndarray] | None = None,
     meta: dict[str, Any] | None = None,
+    transitions: Any = None,
 ) -> Any:
     """Write the model (``weights.pt``: a flat dict of tensors) and, optionally, each user's
-    last ``max_len`` training items (``tails.pt``: ``indptr`` + ``items``) to ``directory``;
-    ``config.json`` (config, meta, sha256 of each file) is written last."""
+    last ``max_len`` training items (``tails.pt``: ``indptr`` + ``items``) and an item
+    transition matrix (``transitions.npz``, scipy sparse; its settings in
+    ``meta["transitions"]``) to ``directory``; ``config.json`` (config, meta, sha256 of each
+    file) is written last."""
     import datetime as _dt
     import json
     from pathlib import Path
@@ -462,6 +466,16 @@ def save_sequence(
         flat = np.concatenate(wins) if wins else np.empty(0, np.int64)
         arrays = {"indptr": torch.from_numpy(indptr), "items": torch.from_numpy(flat)}
         files[_TAILS] = _atomic_write(directory, _TAILS, lambda p: torch.save(arrays, p))
+    if transitions is not None:
+        import scipy.sparse as sp
+
+        matrix = sp.csr_matrix(transitions, dtype=np.float32)
+
+        def write_npz(path: Any) -> None:
+            with open(path, "wb") as f:  # a file object: a path would gain an ".npz" suffix
+                sp.save_npz(f, matrix, compressed=False)
+
+        files[_TRANSITIONS] = _atomic_write(directory, _TRANSITIONS, write_npz)
     doc = {
         "format": SEQ_FORMAT,
         "format_version": SEQ_FORMAT_VERSION,
@@ -478,10 +492,19 @@ def save_sequence(
 class SequenceRuntime:
     """A loaded sequence model for serving: ``state(items)`` (a forward pass, one thread)
     and ``scores(state)`` (one ``(n_items x d) @ d`` product), plus the training tails
-    of the users the model knows (``tail(row)``, item indices oldest first)."""
+    of the users the model knows (``tail(row)``, item indices oldest first), and the item
+    transitions when the bundle has them (``transitions``: ``(matrix, settings)`` or None)."""
 
-    def __init__(self, model: SASRec, indptr: np.ndarray, items: np.ndarray, version: str):
+    def __init__(
+        self,
+        model: SASRec,
+        indptr: np.ndarray,
+        items: np.ndarray,
+        version: str,
+        transitions: tuple[Any, dict[str, Any]] | None = None,
+    ):
         self.model = model.eval()
+        self.transitions = transitions
         self.version = version
         self.n_items = model.n_items
         self.max_len = model.max_len
@@ -532,4 +555,10 @@ class SequenceRuntime:
         if _TAILS in files:
             t = load_tensors(directory / _TAILS)
             indptr, items = t["indptr"].numpy(), t["items"].numpy()
-        return cls(model, indptr, items, version=files[_WEIGHTS][:16])
+        transitions = None
+        if _TRANSITIONS in files:
+            import scipy.sparse as sp
+
+            matrix = sp.load_npz(directory / _TRANSITIONS).tocsr()  # no pickles: allow_pickle=False
+            transitions = (matrix, dict(doc.get("meta", {}).get("transitions") or {}))
+        return cls(model, indptr, items, version=files[_WEIGHTS][:16], transitions=transitions)

@@ -62,7 +62,8 @@ class CFBundle:
     generator_dir: Path | None = None
     # the low-rank term's item factors (items x rank, float32), if the mixture uses it
     item_factors: np.ndarray | None = None
-    # to save: (generators.sequence.SASRec, per-user ordered item lists); after loading: its dir
+    # to save: (generators.sequence.SASRec, per-user ordered item lists, the item transition
+    # matrix or None); after loading: its dir
     sequence: Any = None
     sequence_dir: Path | None = None
 
@@ -110,7 +111,12 @@ def save_bundle(bundle: CFBundle, out_dir: str | os.PathLike[str], overwrite: bo
         if bundle.sequence is not None:
             from generators.sequence import save_sequence
 
-            save_sequence(bundle.sequence[0], tmp / "sequence", bundle.sequence[1])
+            model, tails, *rest = bundle.sequence
+            transitions = rest[0] if rest else None
+            chosen = (bundle.params.get("sequence") or {}).get("transitions") or {}
+            meta = {"transitions": {k: chosen[k] for k in ("window", "decay", "n_last")
+                                    if k in chosen}}  # fmt: skip
+            save_sequence(model, tmp / "sequence", tails, meta=meta, transitions=transitions)
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         created = datetime.now(UTC)
         content_hash = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:8]

@@ -353,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--sequence-max-len", type=int, help="items of the window the model reads (default 200)"
     )
+    train.add_argument(
+        "--no-transitions",
+        dest="transitions",
+        action="store_false",
+        help="with --sequence: no item-transition member in the mixture (by default its "
+        "settings and weight are chosen on validation)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--force", action="store_true", help="replace an existing bundle")
     train.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -385,7 +385,7 @@ class Engine:
             if model.generator is not None and "generator" in pipeline.weights:
                 latent = await self._latent(model.generator, user_id, items, weights, cached)
             batch = UserBatch.single(items, weights, model.n_items, latent)
-            if "sequence" in pipeline.weights:
+            if "sequence" in pipeline.weights or "transitions" in pipeline.weights:
                 await self._sequence_state_into(batch, model, user_id)
             ranked = pipeline.rank(
                 batch, k, include_seen, exclude[exclude >= 0] if exclude is not None else None,
@@ -482,23 +482,29 @@ class Engine:
         )
 
     async def _sequence_state_into(self, batch: UserBatch, model: CFModel, user_id: str) -> None:
-        """The mixture's sequence member needs the user's state (#11): cached or encoded."""
+        """The mixture's order-aware members need the user's state (#11; cached or
+        encoded) and ordered items (the transitions)."""
         from recsvc.ranking.sequence import STATES
+        from recsvc.ranking.transitions import RECENT
         from recsvc.state import sequence as seq
 
-        state = None
+        state = sequence = None
         if self.store_available:
             try:
                 view = await seq.read_view(self.store, model, user_id)
-                state = view.state
+                state, sequence = view.state, view.sequence
                 if not view.fresh:
                     self._in_background(seq.cache_state(self.store, model, user_id, view))
             except StoreError as exc:
                 log.info("sequence state unavailable for %s: %s", user_id, exc)
+        if sequence is None:
+            sequence = model.sequence.sequence(user_id, np.empty(0, np.int64))
         if state is None:
-            tail = model.sequence.sequence(user_id, np.empty(0, np.int64))
-            state = model.sequence.state(tail) if len(tail) else np.zeros(model.sequence.dim)
+            state = model.sequence.state(sequence) if len(sequence) else None
+        if state is None:
+            state = np.zeros(model.sequence.dim)
         batch.cache[STATES] = np.asarray(state, dtype=np.float32)[None, :]
+        batch.cache[RECENT] = [sequence]
 
     @staticmethod
     def _recommendation(  # type: ignore[no-untyped-def]

@@ -329,8 +329,11 @@ def leave_one_out(model: object, path: str | os.PathLike[str], strategy: str, k:
             if model.sequence is not None:  # type: ignore[attr-defined]
                 from generators.sequence import encode_batch
 
+                from recsvc.ranking.transitions import RECENT
+
                 runtime = model.sequence.runtime  # type: ignore[attr-defined]
                 batch.cache[STATES] = encode_batch(runtime.model, [inputs[u] for u in users_])
+                batch.cache[RECENT] = [inputs[u] for u in users_]
             return model.pipeline.dense_scores(batch)  # type: ignore[attr-defined,no-any-return]
     else:
         raise ValueError(

@@ -55,17 +55,27 @@ class SequenceModel:
     def scores(self, state: np.ndarray) -> np.ndarray:
         return self.runtime.scores(state)
 
-    def scorer(self) -> Any:
-        """The mixture's member: states from the batch (serving), else from the training
-        tails of the batch's user rows (``batch.cache["users"]``, as eval sets them)."""
+    def scorers(self) -> list[Any]:
+        """The mixture's order-aware members: the model (states from the batch when
+        serving, else encoded from the training tails of the batch's user rows,
+        ``batch.cache["users"]``) and, in bundles that have them, the transitions (the
+        user's ordered items from the batch, else those tails)."""
         from generators.sequence import encode_batch
         from recsvc.ranking.sequence import SequenceScorer
+        from recsvc.ranking.transitions import TransitionScorer
 
         def states_of(batch: Any) -> np.ndarray:
             rows = batch.cache["users"]
             return encode_batch(self.runtime.model, [self.runtime.tail(int(r)) for r in rows])
 
-        return SequenceScorer(self.runtime.out_weight, states_of)
+        def recent_of(batch: Any) -> list[np.ndarray]:
+            return [self.runtime.tail(int(r)) for r in batch.cache["users"]]
+
+        out: list[Any] = [SequenceScorer(self.runtime.out_weight, states_of)]
+        if self.runtime.transitions is not None:
+            matrix, setting = self.runtime.transitions
+            out.append(TransitionScorer(matrix, setting["decay"], setting["n_last"], recent_of))
+        return out
 
     def state_to_bytes(self, state: np.ndarray) -> bytes:
         return np.asarray(state, dtype="<f4").tobytes()
@@ -118,17 +128,20 @@ def last_item_split(
 
 def train_sequence(
     args: argparse.Namespace, inputs: list[np.ndarray], valid: list[np.ndarray], n_items: int
-) -> tuple[tuple[Any, list[np.ndarray]], dict[str, Any], Any]:
-    """Fit the sequence model for ``recsvc train --sequence`` on ``inputs`` (each user's
-    ordered items before their validation item): epochs and early stopping chosen on
-    ``valid`` under ``--sequence-minutes``. Returns ``((model, tails), params, scorer)``:
-    the model and each user's training tail for the bundle (the validation item appended:
-    serving continues from the whole training sequence), the manifest entry, and the
-    mixture's scorer over the validation inputs."""
+) -> tuple[tuple[Any, list[np.ndarray], Any], dict[str, Any], list[Any]]:
+    """Fit the order-aware members for ``recsvc train --sequence`` on ``inputs`` (each
+    user's ordered items before their validation item): the sequence model, its epochs
+    chosen on ``valid`` under ``--sequence-minutes``, and the item transitions, their
+    settings chosen on ``valid``. Returns ``((model, tails, transitions), params, scorers)``:
+    what the bundle keeps (each user's training tail with the validation item appended:
+    serving continues from the whole training sequence; the transitions refitted on those
+    whole sequences), the manifest entry, and the mixture's scorers over the validation
+    inputs."""
     import torch
 
     from generators.sequence import SeqConfig, encode_batch, train_sasrec
     from recsvc.ranking.sequence import SequenceScorer
+    from recsvc.ranking.transitions import TransitionScorer, choose_transitions, fit_transitions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +166,7 @@ def train_sequence(
         max_seconds=args.sequence_minutes * 60 if args.sequence_minutes else None,
         log=None if args.quiet else lambda line: log.info("sequence %s", line),
     )  # fmt: skip
-    params = {
+    params: dict[str, Any] = {
         **info["config"],
         "precision": info["precision"],
         "epochs": info["epochs"],
@@ -168,6 +181,17 @@ def train_sequence(
     def states_of(batch: Any) -> np.ndarray:
         return encode_batch(model, [inputs[int(u)] for u in batch.cache["users"]])
 
-    scorer = SequenceScorer(model.output_weight().detach().numpy().copy(), states_of)
+    def recent_of(batch: Any) -> list[np.ndarray]:
+        return [inputs[int(u)] for u in batch.cache["users"]]
+
+    scorers: list[Any] = [SequenceScorer(model.output_weight().detach().numpy().copy(), states_of)]
     tails = [np.concatenate([s, v]) for s, v in zip(inputs, valid, strict=True)]
-    return (model, tails), params, scorer
+    transitions = None
+    if getattr(args, "transitions", True):
+        choice, fit_matrix = choose_transitions(
+            inputs, valid, n_items, n_users=args.mixture_users, seed=args.seed
+        )
+        params["transitions"] = choice
+        scorers.append(TransitionScorer(fit_matrix, choice["decay"], choice["n_last"], recent_of))
+        transitions = fit_transitions(tails, n_items, choice["window"])
+    return (model, tails, transitions), params, scorers

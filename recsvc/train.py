@@ -44,7 +44,7 @@ def fit_mixture(
     rank_max: int = 512,
     n_users: int = 6000,
     seed: int = 0,
-    sequence: Any = None,
+    sequence: Sequence[Any] = (),
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """The manifest's ``mixture`` entry and the item factors to serve (or None).
 
@@ -144,14 +144,17 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
     # one validation split, carved from the training data, for every choice made here
     fit_part, valid = holdout_split(user_items, args.valid_fraction, seed=args.seed)
-    sequence = sequence_params = sequence_scorer = None
+    sequence = sequence_params = None
+    sequence_scorers: list[Any] = []
     if getattr(args, "sequence", False):  # #11: ordered data; validation = last items
         from recsvc.sequence import last_item_split, train_sequence
 
         fit_part, valid, inputs = last_item_split(
             user_items, interactions, users, items, args.mixture_users, args.seed
         )
-        sequence, sequence_params, sequence_scorer = train_sequence(args, inputs, valid, len(items))
+        sequence, sequence_params, sequence_scorers = train_sequence(
+            args, inputs, valid, len(items)
+        )
     knn_params, knn_search = choose_knn(args, fit_part, valid)
     fit_started = time.perf_counter()
     similarity, similarity_params = fit_similarity(args, user_items, show, knn_params)
@@ -172,7 +175,7 @@ def train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     mixture, item_factors = fit_mixture(
         user_items, fit_part, valid, lambda part: fit_similarity(args, part, False, knn_params)[0],
         generator=_runtime_generator(generator), rank_max=args.lowrank_rank,
-        n_users=args.mixture_users, seed=args.seed, sequence=sequence_scorer,
+        n_users=args.mixture_users, seed=args.seed, sequence=sequence_scorers,
     )  # fmt: skip
     bundle = CFBundle(
         users=users,

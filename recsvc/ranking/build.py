@@ -34,8 +34,8 @@ def pipeline_for(
     elif weights.get("generator", 0) > 0:
         raise ValueError("the mixture weighs the generator but the bundle has none")
     if sequence is not None:  # #11: a recsvc.sequence.SequenceModel
-        scorers.append(sequence.scorer())
-    elif weights.get("sequence", 0) > 0:
+        scorers += sequence.scorers()
+    elif weights.get("sequence", 0) > 0 or weights.get("transitions", 0) > 0:
         raise ValueError("the mixture weighs the sequence model but the bundle has none")
     return RankingPipeline(
         knn, popularity, scorers, weights,

@@ -39,19 +39,26 @@ def cycle_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def seq_model_dir(tmp_path_factory, cycle_file):
+def train_on_cycle(cycle_file, out, *settings):
     from recsvc.cli import main as recsvc_main
 
-    out = tmp_path_factory.mktemp("seqmodel") / "bundle"
     code = recsvc_main([
         "train", "--interactions", str(cycle_file), "--out", str(out), "--sequence",
-        "--sequence-epochs", "40", "--sequence-dim", "16", "--sequence-max-len", "10",
-        "--sequence-lr", "0.01", "--sequence-batch-size", "16", "--lowrank-rank", "0",
-        "--neighbours", "10", "--quiet", "--threads", "1",
+        "--sequence-max-len", "10", "--lowrank-rank", "0", "--neighbours", "10", "--quiet",
+        "--threads", "1", *settings,
     ])  # fmt: skip
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def seq_model_dir(tmp_path_factory, cycle_file):
+    """The sequence model alone as the order-aware member (no transitions)."""
+    return train_on_cycle(
+        cycle_file, tmp_path_factory.mktemp("seqmodel") / "bundle", "--no-transitions",
+        "--sequence-epochs", "40", "--sequence-dim", "16", "--sequence-lr", "0.01",
+        "--sequence-batch-size", "16",
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -213,3 +220,47 @@ def test_served_mixture_reads_the_sequence_state(seq_server, cycle_file, seq_mod
     send(seq_server, "3", [step])
     served = seq_server.stub.Recommend(pb.RecommendRequest(user_id="3", k=3))
     assert [i.item_id for i in served.items] == expected([step])
+
+
+@pytest.fixture(scope="module")
+def transitions_model_dir(tmp_path_factory, cycle_file):
+    """The same data, trained with the item transitions (the default)."""
+    return train_on_cycle(
+        cycle_file, tmp_path_factory.mktemp("transmodel") / "bundle", "--sequence-epochs", "5",
+        "--sequence-dim", "8",
+    )  # fmt: skip
+
+
+def test_served_mixture_follows_the_transitions_of_streamed_events(
+    make_server, transitions_model_dir, cycle_file, capsys
+):
+    """On a cycle, what followed the last item settles the next one: validation gives the
+    transitions the mixture, the bundle keeps them, and the default strategy reads the
+    user's ordered items (training tail, then streamed events) when it ranks."""
+    from recsvc.cli import main as recsvc_main
+
+    manifest = json.loads((transitions_model_dir / "manifest.json").read_text())
+    chosen = manifest["params"]["sequence"]["transitions"]
+    assert chosen["ndcg@10"] > 0.99 and chosen["window"] in (1, 2, 3)
+    assert manifest["params"]["mixture"]["weights"]["transitions"] > 0
+    model = load_model(transitions_model_dir)
+    matrix, setting = model.sequence.runtime.transitions
+    assert setting == {k: chosen[k] for k in ("window", "decay", "n_last")}
+    c = model.items.indices(["c3", "c4"])
+    assert matrix[c[0], c[1]] == matrix[c[0]].max() > 0  # c4 follows c3 most often
+
+    server = make_server(model=transitions_model_dir)
+    for user in ("0", "7", "33"):
+        last = training_sequence(cycle_file, user)[-1]
+        items = server.stub.Recommend(pb.RecommendRequest(user_id=user, k=3)).items
+        assert items[0].item_id == next_of(last)
+    step = next_of(training_sequence(cycle_file, "12")[-1])
+    send(server, "12", [step])
+    items = server.stub.Recommend(pb.RecommendRequest(user_id="12", k=3)).items
+    assert items[0].item_id == next_of(step)  # the streamed event is the newest item
+    send(server, "fresh", ["c6", "c7"])
+    assert server.stub.Recommend(pb.RecommendRequest(user_id="fresh", k=1)).items[0].item_id == "c8"
+
+    assert recsvc_main(["eval", "--model", str(transitions_model_dir), "--test", str(cycle_file),
+                        "--leave-one-out", "--strategy", "blend", "--k", "1"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["hr@1"] > 0.95
