@@ -8,10 +8,11 @@
 2. ``recsvc train --sequence`` on it (``--sequence-minutes``; reuses ``--bundle`` if given).
 3. ``recsvc serve`` on that bundle; for every user, the second-to-last item is sent as a live
    event through SendFeedback, then Recommend(STRATEGY_SEQUENCE, k=10) is called over gRPC,
-   one call in flight; HR@10 / NDCG@10 against the last item, over all users, and the
-   Recommend latency (p50 / p99) right after the event, then again for up to 2,000 users
-   whose state is cached (``recommend_cached_*``).
-4. ``recsvc eval --leave-one-out`` on the whole file, the same protocol offline.
+   one call in flight (then the same with STRATEGY_BLEND, the tuned mixture: ``--strategies``);
+   HR@10 / NDCG@10 against the last item, over all users, and the Recommend latency
+   (p50 / p99) right after the event, then again for up to 2,000 users whose state is
+   cached (``recommend_cached_*``).
+4. ``recsvc eval --leave-one-out --strategy S`` on the whole file, the same protocol offline.
 
 Prints one JSON object. Wall times on a shared machine are inflated by the neighbours:
 ``uptime`` is printed with them.
@@ -96,6 +97,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="training threads (0: all)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--users", type=int, default=0, help="evaluate the first N users (0: all)")
+    ap.add_argument(
+        "--strategies", default="sequence,blend",
+        help="Recommend strategies measured after each event (sequence, blend: the mixture)",
+    )  # fmt: skip
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     sequences = read_sequences(args.data)
@@ -124,7 +129,13 @@ def main() -> None:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.RecommenderStub(channel)
         users = list(sequences)[: args.users or None]
-        hits, ndcg, times = 0, 0.0, []
+        strategies = {
+            name: {"sequence": pb.STRATEGY_SEQUENCE, "blend": pb.STRATEGY_BLEND}[name]
+            for name in args.strategies.split(",")
+        }
+        hits = dict.fromkeys(strategies, 0)
+        ndcg = dict.fromkeys(strategies, 0.0)
+        times: dict[str, list[float]] = {name: [] for name in strategies}
         now = int(time.time()) - 3600
         for n, user in enumerate(users):
             items = sequences[user]
@@ -134,43 +145,47 @@ def main() -> None:
                     timestamp=Timestamp(seconds=now + n % 3000),
                 )  # fmt: skip
                 call(stub.SendFeedback, pb.SendFeedbackRequest(events=[event]))
-            started = time.perf_counter()
-            response = call(
-                stub.Recommend,
-                pb.RecommendRequest(user_id=user, k=args.k, strategy=pb.STRATEGY_SEQUENCE),
-            )
-            times.append((time.perf_counter() - started) * 1000)
-            ranked = [i.item_id for i in response.items]
-            if items[-1] in ranked:
-                hits += 1
-                ndcg += 1.0 / np.log2(ranked.index(items[-1]) + 2)
+            for name, strategy in strategies.items():
+                started = time.perf_counter()
+                response = call(
+                    stub.Recommend, pb.RecommendRequest(user_id=user, k=args.k, strategy=strategy)
+                )
+                times[name].append((time.perf_counter() - started) * 1000)
+                ranked = [i.item_id for i in response.items]
+                if items[-1] in ranked:
+                    hits[name] += 1
+                    ndcg[name] += 1.0 / np.log2(ranked.index(items[-1]) + 2)
         # the same users again: the state cached after the event, no feedback in between
-        cached_times = []
+        cached_times: dict[str, list[float]] = {name: [] for name in strategies}
         for user in users[:2000]:
-            started = time.perf_counter()
-            request = pb.RecommendRequest(user_id=user, k=args.k, strategy=pb.STRATEGY_SEQUENCE)
-            call(stub.Recommend, request)
-            cached_times.append((time.perf_counter() - started) * 1000)
+            for name, strategy in strategies.items():
+                started = time.perf_counter()
+                call(stub.Recommend, pb.RecommendRequest(user_id=user, k=args.k, strategy=strategy))
+                cached_times[name].append((time.perf_counter() - started) * 1000)
         channel.close()
     finally:
         proc.terminate()
         proc.wait(30)
-    p50, p99 = np.percentile(times, [50, 99])
-    result.update({
-        f"grpc_hr@{args.k}": round(hits / len(users), 4),
-        f"grpc_ndcg@{args.k}": round(ndcg / len(users), 4),
-        "users": len(users),
-        "recommend_p50_ms": round(float(p50), 3),
-        "recommend_p99_ms": round(float(p99), 3),
-        "recommend_cached_p50_ms": round(float(np.percentile(cached_times, 50)), 3),
-        "recommend_cached_p99_ms": round(float(np.percentile(cached_times, 99)), 3),
-    })  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, "-m", "recsvc", "eval", "--model", str(bundle), "--test", str(args.data),
-         "--leave-one-out", "--k", str(args.k)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
-    )  # fmt: skip
-    result["eval"] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["users"] = len(users)
+    for name in strategies:
+        p50, p99 = np.percentile(times[name], [50, 99])
+        cached = cached_times[name]
+        result[name] = {
+            f"grpc_hr@{args.k}": round(hits[name] / len(users), 4),
+            f"grpc_ndcg@{args.k}": round(ndcg[name] / len(users), 4),
+            "recommend_p50_ms": round(float(p50), 3),
+            "recommend_p99_ms": round(float(p99), 3),
+            "recommend_cached_p50_ms": round(float(np.percentile(cached, 50)), 3),
+            "recommend_cached_p99_ms": round(float(np.percentile(cached, 99)), 3),
+        }  # fmt: skip
+    for name in strategies:
+        out = subprocess.run(
+            [sys.executable, "-m", "recsvc", "eval", "--model", str(bundle), "--test",
+             str(args.data), "--leave-one-out", "--k", str(args.k), "--strategy", name],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            check=True,
+        )  # fmt: skip
+        result[name]["eval"] = json.loads(out.stdout.strip().splitlines()[-1])
     result["uptime_end"] = uptime()
     print(json.dumps(result, indent=1))
 
