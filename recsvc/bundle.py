@@ -114,7 +114,7 @@ def save_bundle(bundle: CFBundle, out_dir: str | os.PathLike[str], overwrite: bo
             model, tails, *rest = bundle.sequence
             transitions = rest[0] if rest else None
             chosen = (bundle.params.get("sequence") or {}).get("transitions") or {}
-            meta = {"transitions": {k: chosen[k] for k in ("window", "decay", "n_last")
+            meta = {"transitions": {k: chosen[k] for k in ("window", "decay", "n_last", "share")
                                     if k in chosen}}  # fmt: skip
             save_sequence(model, tmp / "sequence", tails, meta=meta, transitions=transitions)
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

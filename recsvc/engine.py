@@ -540,7 +540,7 @@ class Engine:
             banned = [] if include_seen else [view.seen]
             if exclude is not None:
                 banned.append(exclude[exclude >= 0])
-            chosen, scores = seq.top_k(seq.sequence_scores(model, view.state), k, banned, restrict)
+            chosen, scores = seq.top_k(seq.sequence_scores(model, view), k, banned, restrict)
             sources = [SOURCE_SEQUENCE] * len(chosen)
         return chosen, scores, sources, view.state is not None, degraded
 

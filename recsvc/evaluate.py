@@ -315,8 +315,9 @@ def leave_one_out(model: object, path: str | os.PathLike[str], strategy: str, k:
         runtime = model.sequence.runtime  # type: ignore[attr-defined]
 
         def scores(users_: np.ndarray) -> np.ndarray:
-            states = encode_batch(runtime.model, [inputs[u] for u in users_])
-            return runtime.scores(states).astype(np.float32)  # type: ignore[no-any-return]
+            seqs_ = [inputs[u] for u in users_]
+            states = encode_batch(runtime.model, seqs_)
+            return model.sequence.next_scores(states, seqs_).astype(np.float32)  # type: ignore[attr-defined,no-any-return]
     elif strategy == "cf":
         def scores(users_: np.ndarray) -> np.ndarray:
             return model.score_users(history[users_])  # type: ignore[attr-defined,no-any-return]
@@ -328,7 +329,6 @@ def leave_one_out(model: object, path: str | os.PathLike[str], strategy: str, k:
             batch = UserBatch(history[users_])
             if model.sequence is not None:  # type: ignore[attr-defined]
                 from generators.sequence import encode_batch
-
                 from recsvc.ranking.transitions import RECENT
 
                 runtime = model.sequence.runtime  # type: ignore[attr-defined]

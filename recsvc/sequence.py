@@ -31,6 +31,8 @@ class SequenceModel:
         self.users = users
         self.version = runtime.version
         self.dim = runtime.model.dim
+        transitions = runtime.transitions
+        self.transitions_share = float(transitions[1].get("share", 0.0)) if transitions else 0.0
 
     @classmethod
     def load(cls, directory: Path, users: IdMap) -> SequenceModel:
@@ -54,6 +56,19 @@ class SequenceModel:
 
     def scores(self, state: np.ndarray) -> np.ndarray:
         return self.runtime.scores(state)
+
+    def next_scores(self, states: np.ndarray, sequences: list[np.ndarray]) -> np.ndarray:
+        """STRATEGY_SEQUENCE's scores of every item, ``(users, n_items)`` float64: the
+        model's logits, mixed with the transitions from each user's last items when the
+        bundle chose a share for them on validation."""
+        from recsvc.ranking.transitions import TransitionScorer, with_transitions
+
+        logits = self.runtime.scores(np.atleast_2d(states))
+        if self.runtime.transitions is None or not self.transitions_share:
+            return logits.astype(np.float64)
+        matrix, setting = self.runtime.transitions
+        scorer = TransitionScorer(matrix, setting["decay"], setting["n_last"])
+        return with_transitions(logits, scorer.user_scores(sequences), self.transitions_share)
 
     def scorers(self) -> list[Any]:
         """The mixture's order-aware members: the model (states from the batch when
@@ -141,7 +156,12 @@ def train_sequence(
 
     from generators.sequence import SeqConfig, encode_batch, train_sasrec
     from recsvc.ranking.sequence import SequenceScorer
-    from recsvc.ranking.transitions import TransitionScorer, choose_transitions, fit_transitions
+    from recsvc.ranking.transitions import (
+        TransitionScorer,
+        choose_share,
+        choose_transitions,
+        fit_transitions,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +211,16 @@ def train_sequence(
         choice, fit_matrix = choose_transitions(
             inputs, valid, n_items, n_users=args.mixture_users, seed=args.seed
         )
+        scorer = TransitionScorer(fit_matrix, choice["decay"], choice["n_last"], recent_of)
+        out_weight = model.output_weight().detach().numpy()
+
+        def logits_of(users: np.ndarray) -> np.ndarray:
+            return encode_batch(model, [inputs[u] for u in users.tolist()]) @ out_weight.T
+
+        choice.update(choose_share(
+            logits_of, scorer, inputs, valid, n_users=args.mixture_users, seed=args.seed
+        ))  # fmt: skip
         params["transitions"] = choice
-        scorers.append(TransitionScorer(fit_matrix, choice["decay"], choice["n_last"], recent_of))
+        scorers.append(scorer)
         transitions = fit_transitions(tails, n_items, choice["window"])
     return (model, tails, transitions), params, scorers

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 SOURCE = "sequence"
 RECENT = "sequence_recent"  # batch.cache: each user's ordered items (oldest first)
 
+# STRATEGY_SEQUENCE's share of the transitions beside the sequence model (chosen on validation)
+SHARES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 WINDOWS = (1, 2, 3)
 DECAYS = (0.3, 0.6, 1.0)
 N_LAST = (1, 3, 5)
@@ -179,3 +181,59 @@ def choose_transitions(
               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     log.info("transitions chosen on %d validation users: %s", len(users), best[1])
     return choice, best[2]
+
+
+def with_transitions(logits: np.ndarray, transitions: sp.csr_matrix, share: float) -> np.ndarray:
+    """STRATEGY_SEQUENCE's scores over the whole catalogue, ``(users, n_items)`` float64:
+    the sequence model's logits when ``share`` is 0, else the mixture of the two next-item
+    distributions, ``(1 - share) * softmax(logits) + share * t``, with ``t`` the transition
+    scores divided by their sum (all zero for a user whose items never had a successor)."""
+    logits = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+    if not share:
+        return logits
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs *= (1.0 - share) / probs.sum(axis=1, keepdims=True)
+    totals = np.asarray(transitions.sum(axis=1)).ravel()
+    scaled = sp.diags(np.divide(share, totals, out=np.zeros(len(totals)), where=totals > 0))
+    return probs + (scaled @ transitions).toarray()
+
+
+def choose_share(
+    logits_of: Callable[[np.ndarray], np.ndarray],
+    scorer: TransitionScorer,
+    sequences: Sequence[np.ndarray],
+    valid: Sequence[np.ndarray],
+    n_users: int = 6000,
+    k: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The transitions' share in STRATEGY_SEQUENCE (of ``SHARES``) with the best NDCG@k on
+    the validation users, ranking the whole catalogue without seen items, as served.
+    ``logits_of(users)``: the sequence model's logits after each user's sequence."""
+    pairs = zip(valid, sequences, strict=True)
+    users = np.flatnonzero([len(v) > 0 and len(s) > 0 for v, s in pairs])
+    if len(users) > n_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, n_users, replace=False))
+    gains = np.zeros(len(SHARES))
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    for start in range(0, len(users), 512):
+        chunk = users[start : start + 512]
+        recent = [sequences[u] for u in chunk.tolist()]
+        logits = logits_of(chunk)
+        transitions = scorer.user_scores(recent)
+        targets = np.array([valid[u][0] for u in chunk.tolist()])
+        rows = np.repeat(np.arange(len(chunk)), [len(r) for r in recent])
+        for n, share in enumerate(SHARES):
+            mixed = with_transitions(logits, transitions, share)
+            mixed[rows, np.concatenate(recent)] = -np.inf
+            top = np.argpartition(-mixed, k - 1, axis=1)[:, :k]
+            top = np.take_along_axis(
+                top, np.argsort(-np.take_along_axis(mixed, top, axis=1), axis=1), axis=1
+            )
+            gains[n] += ((top == targets[:, None]) * discounts).sum()
+    ndcg = gains / max(len(users), 1)
+    best = int(np.argmax(ndcg))
+    log.info("STRATEGY_SEQUENCE: transitions share %.2f on %d validation users (NDCG@%d %.5f)",
+             SHARES[best], len(users), k, ndcg[best])  # fmt: skip
+    return {"share": SHARES[best],
+            "shares": {str(s): round(float(v), 5) for s, v in zip(SHARES, ndcg, strict=True)}}

@@ -51,9 +51,11 @@ async def read_view(store: UserStore, model: Any, user_id: str) -> SequenceView:
     return SequenceView(seen, sequence, state, cached.events, False)
 
 
-def sequence_scores(model: Any, state: np.ndarray) -> np.ndarray:
-    """Next-item logits (float64, all items) of a state."""
-    return model.sequence.scores(state).astype(np.float64)
+def sequence_scores(model: Any, view: SequenceView) -> np.ndarray:
+    """STRATEGY_SEQUENCE's scores (float64, all items) of a user's view: the model's
+    logits, with the transitions from their last items where the bundle mixes them in."""
+    assert view.state is not None
+    return model.sequence.next_scores(view.state, [view.sequence])[0]
 
 
 def top_k(

@@ -245,7 +245,8 @@ def test_served_mixture_follows_the_transitions_of_streamed_events(
     assert manifest["params"]["mixture"]["weights"]["transitions"] > 0
     model = load_model(transitions_model_dir)
     matrix, setting = model.sequence.runtime.transitions
-    assert setting == {k: chosen[k] for k in ("window", "decay", "n_last")}
+    assert setting == {k: chosen[k] for k in ("window", "decay", "n_last", "share")}
+    assert set(chosen["shares"]) == {"0.0", "0.1", "0.2", "0.3", "0.5", "0.7", "0.9", "1.0"}
     c = model.items.indices(["c3", "c4"])
     assert matrix[c[0], c[1]] == matrix[c[0]].max() > 0  # c4 follows c3 most often
 
@@ -260,6 +261,17 @@ def test_served_mixture_follows_the_transitions_of_streamed_events(
     assert items[0].item_id == next_of(step)  # the streamed event is the newest item
     send(server, "fresh", ["c6", "c7"])
     assert server.stub.Recommend(pb.RecommendRequest(user_id="fresh", k=1)).items[0].item_id == "c8"
+    # STRATEGY_SEQUENCE: the model's distribution mixed with the transitions' (their share
+    # chosen on validation), over the whole catalogue
+    expected = model.sequence.next_scores(
+        model.sequence.state(model.items.indices(["c6", "c7"])), [model.items.indices(["c6", "c7"])]
+    )[0]
+    expected[model.items.indices(["c6", "c7"])] = -np.inf
+    served = recommend(server, "fresh", k=3)
+    assert [i.item_id for i in served.items] == [model.items.ids[i] for i in
+                                                 np.argsort(-expected, kind="stable")[:3]]
+    np.testing.assert_allclose([i.score for i in served.items], np.sort(expected)[::-1][:3],
+                               rtol=1e-5)  # fmt: skip
 
     assert recsvc_main(["eval", "--model", str(transitions_model_dir), "--test", str(cycle_file),
                         "--leave-one-out", "--strategy", "blend", "--k", "1"]) == 0  # fmt: skip

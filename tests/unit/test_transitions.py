@@ -9,6 +9,7 @@ from recsvc.ranking.transitions import (
     TransitionScorer,
     choose_transitions,
     fit_transitions,
+    with_transitions,
 )
 
 
@@ -47,3 +48,15 @@ def test_choice_on_validation_finds_the_window_that_predicts():
     assert choice["ndcg@10"] == max(t["ndcg@10"] for t in choice["tried"])
     assert choice["window"] >= 2 and choice["n_last"] >= 2 and choice["ndcg@10"] > 0.9
     assert matrix.shape == (60, 60)
+
+
+def test_the_sequence_strategy_mixes_two_next_item_distributions():
+    logits = np.array([[2.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    transitions = sp.csr_matrix(np.array([[0, 3, 1, 0], [0, 0, 0, 0]], dtype=np.float32))
+    np.testing.assert_array_equal(with_transitions(logits, transitions, 0.0), logits)
+    mixed = with_transitions(logits, transitions, 0.25)
+    softmax = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    np.testing.assert_allclose(mixed[0], 0.75 * softmax + 0.25 * np.array([0, 0.75, 0.25, 0]))
+    # no successor known: the model's distribution alone, scaled (the ranking is the model's)
+    np.testing.assert_allclose(mixed[1], [0.1875] * 4)
+    np.testing.assert_allclose(mixed[0].sum(), 1.0)
