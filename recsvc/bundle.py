@@ -11,7 +11,8 @@ Layout of a bundle directory (format version 1)::
     attributes.txt    (with a catalogue) content attributes, one per line
     item_attributes.npz (with a catalogue) items x attributes CSR float32
     generator/        (optional) the generative model, see generators/io.py
-    sequence/         (optional, #11) the sequence model and each user's training tail,
+    sequence/         (optional, #11) the sequence model, each user's training tail and the
+                      item transitions (transitions.npz),
                       see generators/sequence.py
 
 Nothing in a bundle is unpickled on load (``allow_pickle=False`` throughout),

@@ -31,8 +31,13 @@ class SequenceModel:
         self.users = users
         self.version = runtime.version
         self.dim = runtime.model.dim
-        transitions = runtime.transitions
-        self.transitions_share = float(transitions[1].get("share", 0.0)) if transitions else 0.0
+        from recsvc.ranking.transitions import TransitionScorer
+
+        self.transitions_share, self._transitions = 0.0, None
+        if runtime.transitions is not None:
+            matrix, setting = runtime.transitions
+            self.transitions_share = float(setting.get("share", 0.0))
+            self._transitions = TransitionScorer(matrix, setting["decay"], setting["n_last"])
 
     @classmethod
     def load(cls, directory: Path, users: IdMap) -> SequenceModel:
@@ -61,14 +66,17 @@ class SequenceModel:
         """STRATEGY_SEQUENCE's scores of every item, ``(users, n_items)`` float64: the
         model's logits, mixed with the transitions from each user's last items when the
         bundle chose a share for them on validation."""
-        from recsvc.ranking.transitions import TransitionScorer, with_transitions
+        from recsvc.ranking.transitions import with_transitions
 
         logits = self.runtime.scores(np.atleast_2d(states))
-        if self.runtime.transitions is None or not self.transitions_share:
+        scorer = self._transitions
+        if scorer is None or not self.transitions_share:
             return logits.astype(np.float64)
-        matrix, setting = self.runtime.transitions
-        scorer = TransitionScorer(matrix, setting["decay"], setting["n_last"])
-        return with_transitions(logits, scorer.user_scores(sequences), self.transitions_share)
+        if len(sequences) == 1:  # serving
+            found = scorer.one_user_scores(sequences[0])
+        else:
+            found = scorer.user_scores(sequences)
+        return with_transitions(logits, found, self.transitions_share)
 
     def scorers(self) -> list[Any]:
         """The mixture's order-aware members: the model (states from the batch when

@@ -104,12 +104,26 @@ class TransitionScorer:
         weights = recent_weights(recent, self.n_items, self.decay, self.n_last)
         return (weights @ self.matrix).tocsr()
 
+    def one_user_scores(self, recent: np.ndarray) -> np.ndarray:
+        """One user's scores over the whole catalogue, dense float64 (serving: a few row
+        slices and one ``bincount``, no sparse products)."""
+        last = np.asarray(recent, dtype=np.int64)[::-1][: self.n_last]
+        indptr, indices, data = self.matrix.indptr, self.matrix.indices, self.matrix.data
+        spans = [(indptr[i], indptr[i + 1]) for i in last.tolist()]
+        if not spans:
+            return np.zeros(self.n_items)
+        cols = np.concatenate([indices[a:b] for a, b in spans])
+        vals = np.concatenate([data[a:b] * self.decay**k for k, (a, b) in enumerate(spans)])
+        return np.bincount(cols, weights=vals, minlength=self.n_items)
+
     def score(self, batch: UserBatch, candidates: np.ndarray) -> np.ndarray:
         recent = batch.cache.get(RECENT)
         if recent is None:
             if self.recent_of is None:
                 raise ValueError("the transitions scorer needs the users' ordered items")
             recent = batch.cache[RECENT] = self.recent_of(batch)
+        if len(recent) == 1:
+            return self.one_user_scores(recent[0])[candidates]
         scores = self.user_scores(recent)
         out = np.empty(candidates.shape, dtype=np.float64)
         for start in range(0, len(candidates), 256):  # bounded dense rows
@@ -183,19 +197,23 @@ def choose_transitions(
     return choice, best[2]
 
 
-def with_transitions(logits: np.ndarray, transitions: sp.csr_matrix, share: float) -> np.ndarray:
+def with_transitions(
+    logits: np.ndarray, transitions: sp.csr_matrix | np.ndarray, share: float
+) -> np.ndarray:
     """STRATEGY_SEQUENCE's scores over the whole catalogue, ``(users, n_items)`` float64:
     the sequence model's logits when ``share`` is 0, else the mixture of the two next-item
     distributions, ``(1 - share) * softmax(logits) + share * t``, with ``t`` the transition
-    scores divided by their sum (all zero for a user whose items never had a successor)."""
-    logits = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+    scores (sparse or dense, one row per user) divided by their sum (all zero for a user
+    whose items never had a successor)."""
     if not share:
-        return logits
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return np.atleast_2d(np.asarray(logits, dtype=np.float64))
+    logits = np.atleast_2d(np.asarray(logits, dtype=np.float32))
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))  # float32: half the time
     probs *= (1.0 - share) / probs.sum(axis=1, keepdims=True)
-    totals = np.asarray(transitions.sum(axis=1)).ravel()
-    scaled = sp.diags(np.divide(share, totals, out=np.zeros(len(totals)), where=totals > 0))
-    return probs + (scaled @ transitions).toarray()
+    dense = transitions.toarray() if sp.issparse(transitions) else np.atleast_2d(transitions)
+    totals = dense.sum(axis=1, keepdims=True)
+    scale = np.divide(share, totals, out=np.zeros_like(totals), where=totals > 0)
+    return dense * scale + probs
 
 
 def choose_share(
