@@ -37,7 +37,9 @@ class SequenceModel:
         if runtime.transitions is not None:
             matrix, setting = runtime.transitions
             self.transitions_share = float(setting.get("share", 0.0))
-            self._transitions = TransitionScorer(matrix, setting["decay"], setting["n_last"])
+            self._transitions = TransitionScorer(
+                matrix, setting["decay"], setting["n_last"], self._tails_of
+            )
 
     @classmethod
     def load(cls, directory: Path, users: IdMap) -> SequenceModel:
@@ -85,20 +87,18 @@ class SequenceModel:
         user's ordered items from the batch, else those tails)."""
         from generators.sequence import encode_batch
         from recsvc.ranking.sequence import SequenceScorer
-        from recsvc.ranking.transitions import TransitionScorer
 
         def states_of(batch: Any) -> np.ndarray:
-            rows = batch.cache["users"]
-            return encode_batch(self.runtime.model, [self.runtime.tail(int(r)) for r in rows])
-
-        def recent_of(batch: Any) -> list[np.ndarray]:
-            return [self.runtime.tail(int(r)) for r in batch.cache["users"]]
+            return encode_batch(self.runtime.model, self._tails_of(batch))
 
         out: list[Any] = [SequenceScorer(self.runtime.out_weight, states_of)]
-        if self.runtime.transitions is not None:
-            matrix, setting = self.runtime.transitions
-            out.append(TransitionScorer(matrix, setting["decay"], setting["n_last"], recent_of))
+        if self._transitions is not None:
+            out.append(self._transitions)
         return out
+
+    def _tails_of(self, batch: Any) -> list[np.ndarray]:
+        """The training tails of the batch's user rows (``batch.cache["users"]``)."""
+        return [self.runtime.tail(int(r)) for r in batch.cache["users"]]
 
     def state_to_bytes(self, state: np.ndarray) -> bytes:
         return np.asarray(state, dtype="<f4").tobytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -62,6 +63,19 @@ class UserBatch:
 
     def __len__(self) -> int:
         return 1 if self.items is not None else int(self.history.shape[0])
+
+
+def from_batch(
+    batch: UserBatch, key: str, compute: Callable[[UserBatch], Any] | None, missing: str
+) -> Any:
+    """``batch.cache[key]`` (serving puts per-user inputs there), else ``compute(batch)``,
+    kept in the cache for the batch's other scorers; ``missing``: the error without either."""
+    found = batch.cache.get(key)
+    if found is None:
+        if compute is None:
+            raise ValueError(missing)
+        found = batch.cache[key] = compute(batch)
+    return found
 
 
 class Scorer(Protocol):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from recsvc.ranking.base import UserBatch, gather_rows_dot
+from recsvc.ranking.base import UserBatch, from_batch, gather_rows_dot
 
 SOURCE = "sequence"
 STATES = "sequence_states"
@@ -29,9 +29,6 @@ class SequenceScorer:
         self.states_of = states_of
 
     def score(self, batch: UserBatch, candidates: np.ndarray) -> np.ndarray:
-        states = batch.cache.get(STATES)
-        if states is None:
-            if self.states_of is None:
-                raise ValueError("the sequence scorer needs the users' states in the batch")
-            states = batch.cache[STATES] = self.states_of(batch)
+        states = from_batch(batch, STATES, self.states_of,
+                            "the sequence scorer needs the users' states in the batch")  # fmt: skip
         return gather_rows_dot(np.asarray(states, dtype=np.float32), self.out_weight, candidates)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from recsvc.ranking.base import UserBatch
+from recsvc.ranking.base import UserBatch, from_batch
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,8 @@ class TransitionScorer:
         return np.bincount(cols, weights=vals, minlength=self.n_items)
 
     def score(self, batch: UserBatch, candidates: np.ndarray) -> np.ndarray:
-        recent = batch.cache.get(RECENT)
-        if recent is None:
-            if self.recent_of is None:
-                raise ValueError("the transitions scorer needs the users' ordered items")
-            recent = batch.cache[RECENT] = self.recent_of(batch)
+        recent = from_batch(batch, RECENT, self.recent_of,
+                            "the transitions scorer needs the users' ordered items")  # fmt: skip
         if len(recent) == 1:
             return self.one_user_scores(recent[0])[candidates]
         scores = self.user_scores(recent)
@@ -133,6 +130,18 @@ class TransitionScorer:
                 dense, candidates[start : start + 256], axis=1
             )
         return out
+
+
+def _validation_users(
+    sequences: Sequence[np.ndarray], valid: Sequence[np.ndarray], n_users: int, seed: int
+) -> np.ndarray:
+    """Users with a held-out item and a sequence before it, at most ``n_users`` of them
+    drawn with ``seed`` (the same users for every choice made with the same arguments)."""
+    pairs = zip(valid, sequences, strict=True)
+    users = np.flatnonzero([len(v) > 0 and len(s) > 0 for v, s in pairs])
+    if len(users) > n_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, n_users, replace=False))
+    return users
 
 
 def _ndcg_at(scores: sp.csr_matrix, seen: Sequence[np.ndarray], targets: np.ndarray, k: int):
@@ -169,10 +178,7 @@ def choose_transitions(
     matrix fitted on ``sequences``. Returns the choice (with every setting's score) and the
     chosen window's matrix."""
     started = time.perf_counter()
-    pairs = zip(valid, sequences, strict=True)
-    users = np.flatnonzero([len(v) > 0 and len(s) > 0 for v, s in pairs])
-    if len(users) > n_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, n_users, replace=False))
+    users = _validation_users(sequences, valid, n_users, seed)
     recent = [sequences[u] for u in users.tolist()]
     targets = np.array([valid[u][0] for u in users.tolist()], dtype=np.int64)
     tried: list[dict[str, Any]] = []
@@ -229,10 +235,7 @@ def choose_share(
     """The transitions' share in STRATEGY_SEQUENCE (of ``SHARES``) with the best NDCG@k on
     the validation users, ranking the whole catalogue without seen items, as served.
     ``logits_of(users)``: the sequence model's logits after each user's sequence."""
-    pairs = zip(valid, sequences, strict=True)
-    users = np.flatnonzero([len(v) > 0 and len(s) > 0 for v, s in pairs])
-    if len(users) > n_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, n_users, replace=False))
+    users = _validation_users(sequences, valid, n_users, seed)
     gains = np.zeros(len(SHARES))
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     for start in range(0, len(users), 512):
